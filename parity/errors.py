@@ -1,0 +1,31 @@
+"""Errors the CLI turns into one clear line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ParityError(Exception):
+    """Base class: ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+class InputError(ParityError):
+    """Bad user input: a job folder, config, preview, LoRA or model file that cannot be used (exit 2)."""
+
+    exit_code = 2
+
+
+class EnvironmentProblem(ParityError):
+    """The machine cannot do what was asked: CUDA absent, base model not found (exit 3)."""
+
+    exit_code = 3

@@ -1,0 +1,1 @@
+"""Reference pipelines that reproduce training previews. Nothing here imports ``parity``."""

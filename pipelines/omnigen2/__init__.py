@@ -1,0 +1,1 @@
+"""Our own OmniGen2: transformer, scheduler, noise and pipeline, reproducing ai-toolkit's previews."""

@@ -1,0 +1,1 @@
+"""Rendering of check results: HTML, JSON and JUnit. Knows nothing about torch."""
