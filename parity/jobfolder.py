@@ -510,7 +510,7 @@ def list_previews(job_dir: Path) -> tuple[list[Preview], list[str]]:
         )
     previews: list[Preview] = []
     warnings: list[str] = []
-    for entry in sorted(os.scandir(samples_dir), key=lambda e: e.name):
+    for entry in sorted(_scan(samples_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue  # .tmp/ (in-flight writes), .thumbs/ (UI thumbnails), dotfiles
         if entry.is_dir():
@@ -545,7 +545,7 @@ def list_checkpoints(job_dir: Path, name: str) -> list[Checkpoint]:
     """The job's LoRA checkpoints, intermediate ones by step, then the final one."""
     step_re = re.compile(re.escape(name) + r"_(\d{9,})\.safetensors")
     found: list[Checkpoint] = []
-    for entry in os.scandir(job_dir):
+    for entry in _scan(job_dir):
         if not entry.is_file():
             continue
         if entry.name == f"{name}.safetensors":
@@ -573,6 +573,13 @@ def list_checkpoints(job_dir: Path, name: str) -> list[Checkpoint]:
         )
     found.sort(key=lambda c: (c.is_final, c.step or 0))
     return found
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except OSError as exc:
+        raise InputError(folder, f"cannot read: {exc.strerror or exc}") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

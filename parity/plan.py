@@ -417,6 +417,7 @@ def _replay_item(
             )
         else:
             ctrl_img = str(found)
+    notes += _drift_notes(job, preview, rnd, s, weights)
     if problems:
         reason = "not replayable: " + "; ".join(problems)
     else:
@@ -440,6 +441,20 @@ def _replay_item(
         replayable=not problems,
         reason=reason,
     )
+
+
+def _drift_notes(job: JobFolder, preview: Preview, rnd: _Round, s: PromptSettings, weights: str) -> list[str]:
+    """Known reasons a faithful replay from the saved files still differs from the preview (FACTS §3, §9)."""
+    notes = []
+    if weights in ("checkpoint", "final") and job.save.dtype not in ("float32", "fp32"):
+        notes.append(f"the checkpoint is the fp32 LoRA the preview used, rounded to {job.save.dtype}")
+    if rnd.merged and preview.step > 0:
+        notes.append("merged round: earlier merge/unmerge rounds leave base weights a bf16 step off")
+        if s.network_multiplier < 0:
+            notes.append(
+                "negative multiplier: ai-toolkit never merges it back out, later rounds ran on a shifted base"
+            )
+    return notes
 
 
 def _weights(

@@ -396,3 +396,14 @@ def test_job_level_facts_are_carried(tmp_path):
         "float16",
     )
     assert (plan.trigger_word, plan.sample_format, plan.job_name) == ("sks", "png", "job")
+
+
+def test_replayable_items_name_the_known_drift_sources(oracle_dir, tmp_path):
+    merged = {i.step: i.reason for i in build_plan(oracle_dir / "jobs" / "og2_basic").items}
+    assert merged[0] == "step 0: base model only"
+    assert "rounded to float16" in merged[2] and "merged round" in merged[2]
+    unmerged = {i.step: i.reason for i in build_plan(oracle_dir / "jobs" / "og2_odd").items}
+    assert unmerged[2] == "step 2: og2_odd_000000002.safetensors"
+    config = job_config(sample={"neg": "", "sample_every": 2, "network_multiplier": -1, "prompts": ["a"]})
+    (item,) = build_plan(make_job(tmp_path, config, previews=[(2, 0)], checkpoints=[2])).items
+    assert item.replayable and "negative multiplier" in item.reason
