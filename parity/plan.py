@@ -305,7 +305,7 @@ def round_prompt_settings(
                 kind = "an integer" if _FLAGS[flag][1] is int else "a number"
                 raise InputError(
                     config_file,
-                    f"{where}[{i}]: --{flag} {content!r} is not {kind}; ai-toolkit crashes on it, "
+                    f"{where} prompt {i}: --{flag} {content!r} is not {kind}; ai-toolkit crashes on it, "
                     "so this config cannot have made these previews",
                 ) from None
             if _FLAGS[flag][0] in _SETTINGS_FROM_FLAGS:
@@ -313,7 +313,7 @@ def round_prompt_settings(
         if values["seed"] is not None:
             if not _TORCH_SEED_MIN <= values["seed"] <= _TORCH_SEED_MAX:
                 raise InputError(
-                    config_file, f"{where}[{i}]: seed {values['seed']} is outside torch's seed range"
+                    config_file, f"{where} prompt {i}: seed {values['seed']} is outside torch's seed range"
                 )
             values["seed"] = torch_seed(values["seed"])
         settings.append(PromptSettings(prompt=prompt, unknown_flags=tuple(unknown), **values))
@@ -335,16 +335,14 @@ def lora_merged(round_settings: list[PromptSettings], job: JobFolder) -> bool:
 @dataclass(frozen=True)
 class _Round:
     kind: str
-    where: str
     section: SampleSection
     settings: list[PromptSettings]
     merged: bool
 
 
 def _plan_round(job: JobFolder, section: SampleSection, kind: str) -> _Round:
-    where = f"{kind}.samples"
-    settings = round_prompt_settings(section, job.trigger_word, job.config_file, where)
-    return _Round(kind, where, section, settings, lora_merged(settings, job))
+    settings = round_prompt_settings(section, job.trigger_word, job.config_file, kind)
+    return _Round(kind, section, settings, lora_merged(settings, job))
 
 
 def _assign_rounds(job: JobFolder, previews: tuple[Preview, ...]) -> list[tuple[Preview, str]]:

@@ -368,7 +368,7 @@ def test_unparseable_flag_is_an_input_error_naming_the_config(tmp_path, flag):
     with pytest.raises(InputError) as err:
         build_plan(job_dir)
     assert err.value.path == str(job_dir / "config.yaml")
-    assert err.value.problem.startswith(f"sample.samples[1]: {flag.split()[0]} ")
+    assert err.value.problem.startswith(f"sample prompt 1: {flag.split()[0]} ")
 
 
 def test_ui_job_plan_from_job_config_json(tmp_path):
