@@ -1,0 +1,247 @@
+"""``report.html``: one self-contained page (images inlined, CSS and JS inline, no network).
+
+Reading order (after reg-cli and Playwright's reporter): the verdict of the run and the counts first, then the
+worst previews and the causes, the SSIM-over-steps chart, and a card per preview: preview | replay | difference
+| SSIM map side by side, a slider and a blink view, the metrics against their thresholds, the settings the
+replay used, findings and causes with their evidence. Everything that comes from user data is escaped
+(jinja2 autoescape); a Content-Security-Policy allows only the page's own script and style (by hash) and data:
+images, so even a missed escape could not load or run anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+from markupsafe import Markup
+
+from parity.errors import InputError
+from parity.results import EXIT_CODES, CheckReport, PreviewResult
+from parity.scores import comparison_images, compute_metrics, load_rgb
+from reports.chart import PALETTE, series, ssim_chart
+from reports.heatmap import colormap, diff_heatmap, diff_scale, png_bytes, ssim_heatmap
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+_PIXELATED_BELOW = 400  # px: smaller images are shown enlarged with hard pixel edges
+
+OUTCOME_MEANING = {
+    "EXACT": "identical decoded pixels",
+    "PASS": "differs at rounding level only",
+    "DRIFT": "same picture, visibly different detail",
+    "FAIL": "different or misaligned picture",
+    "SKIPPED": "cannot be replayed",
+    "ERROR": "the replay crashed",
+}
+
+# The order a reader wants the settings in; anything else follows alphabetically.
+SETTINGS_ORDER = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "gen_width",
+    "gen_height",
+    "num_inference_steps",
+    "guidance_scale",
+    "network_multiplier",
+    "weights",
+    "checkpoint",
+    "lora_merged",
+    "ctrl_img",
+)
+
+
+@dataclass
+class MetricRow:
+    label: str
+    value: str
+    threshold: str = ""
+    ok: bool | None = None  # None: informational, no threshold
+
+
+@dataclass
+class Card:
+    item: PreviewResult
+    anchor: str
+    outcome: str
+    failing: bool
+    images: dict[str, str] = field(default_factory=dict)  # name -> data: URI
+    pixelated: bool = False
+    size: tuple[int, int] | None = None
+    image_note: str = ""
+    metrics: list[MetricRow] = field(default_factory=list)
+    settings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _data_uri(rgb: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
+
+
+def _anchor(item: PreviewResult, index: int) -> str:
+    return f"p{index}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", item.preview_file)[:80]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value == "":
+        return '"" (empty)'
+    return str(value)
+
+
+def _settings_rows(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = [k for k in SETTINGS_ORDER if k in settings]
+    keys += sorted(k for k in settings if k not in SETTINGS_ORDER)
+    return [(k, _fmt(settings[k])) for k in keys]
+
+
+def _metric_rows(report: CheckReport, item: PreviewResult) -> list[MetricRow]:
+    m, t = item.score.metrics, report.thresholds
+    psnr = "\u221e (identical)" if math.isinf(m.psnr_db) else f"{m.psnr_db:.2f} dB"
+    return [
+        MetricRow(
+            "SSIM",
+            f"{m.ssim:.5f}",
+            f"PASS \u2265 {t.pass_min_ssim:g}, DRIFT \u2265 {t.drift_min_ssim:g}",
+            m.ssim >= t.pass_min_ssim,
+        ),
+        MetricRow("PSNR", psnr, f"PASS \u2265 {t.pass_min_psnr_db:g} dB", m.psnr_db >= t.pass_min_psnr_db),
+        MetricRow("mean abs difference", f"{m.mean_abs_diff:.3f} of 255"),
+        MetricRow("max abs difference", f"{m.max_abs_diff} of 255"),
+        MetricRow("pixels off by > 8 levels", f"{100 * m.share_off_by_more_than_8:.2f} %"),
+        MetricRow(
+            f"SSIM at 1/8 ({m.eighth_size[0]}\u00d7{m.eighth_size[1]})",
+            f"{m.ssim_eighth:.4f}",
+            f"same composition \u2265 {t.same_composition_min_ssim_eighth:g}",
+            None,
+        ),
+        MetricRow("SSIM window", f"{m.ssim_win_size} (1/8: {m.ssim_eighth_win_size})"),
+    ]
+
+
+def _card_images(card: Card) -> None:
+    """Inline the preview, the replay encoded like it, and the two heatmaps."""
+    item = card.item
+    if item.preview_path is None or not item.preview_path.is_file():
+        card.image_note = "The preview image is not available."
+        return
+    try:
+        if item.score is None or item.replay_png is None or not item.replay_png.is_file():
+            preview = load_rgb(item.preview_path)
+            card.images["preview"] = _data_uri(preview)
+            if item.score is not None:
+                card.image_note = "The replay image is not available."
+        else:
+            preview, replay, _ = comparison_images(
+                item.preview_path, load_rgb(item.replay_png), item.score.encoding
+            )
+            diff_map, ssim_map = item.score.diff_map, item.score.ssim_map
+            if diff_map is None or ssim_map is None or diff_map.shape != preview.shape[:2]:
+                _, ssim_map, diff_map = compute_metrics(preview, replay)
+            card.images.update(
+                preview=_data_uri(preview),
+                replay=_data_uri(replay),
+                diff=_data_uri(diff_heatmap(diff_map)),
+                ssim=_data_uri(ssim_heatmap(ssim_map)),
+            )
+    except InputError as exc:
+        card.images.clear()
+        card.image_note = f"The images could not be read: {exc.line()}"
+        return
+    card.size = (preview.shape[1], preview.shape[0])
+    card.pixelated = preview.shape[1] < _PIXELATED_BELOW
+
+
+def _cards(report: CheckReport) -> list[Card]:
+    cards = []
+    for index, item in enumerate(report.items):
+        card = Card(
+            item=item,
+            anchor=_anchor(item, index),
+            outcome=item.outcome.value,
+            failing=report.is_failure(item),
+            settings=_settings_rows(item.settings),
+        )
+        if item.score is not None:
+            card.metrics = _metric_rows(report, item)
+        _card_images(card)
+        cards.append(card)
+    return cards
+
+
+def _scale_svg(uid: str) -> Markup:
+    """The difference heatmap's colour scale (square root of the level difference)."""
+    stops = "".join(
+        f'<stop offset="{v:.3f}" stop-color="rgb({r},{g},{b})"/>'
+        for v, (r, g, b) in zip(np.linspace(0, 1, 12), colormap(np.linspace(0, 1, 12)), strict=True)
+    )
+    ticks = "".join(
+        f'<text x="{8 + 224 * float(diff_scale(level)):.1f}" y="24" font-size="9" text-anchor="{anchor}" '
+        f'fill="#5f6368">{level}</text>'
+        for level, anchor in ((0, "start"), (8, "middle"), (32, "middle"), (128, "middle"), (255, "end"))
+    )
+    return Markup(
+        f'<svg class="scalebar" viewBox="0 0 240 28" width="240" height="28" role="img" '
+        f'aria-label="difference colour scale from 0 to 255 levels, square-root spaced">'
+        f'<defs><linearGradient id="g-{uid}">{stops}</linearGradient></defs>'
+        f'<rect x="8" y="2" width="224" height="10" fill="url(#g-{uid})"/>{ticks}</svg>'
+    )
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,  # every {{ }} is escaped unless it is Markup built here
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt
+    env.globals["scale_svg"] = _scale_svg
+    return env
+
+
+def render_html(report: CheckReport) -> str:
+    """The text of report.html."""
+    css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
+    js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
+    csp = (
+        "default-src 'none'; img-src data:; "
+        f"style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    chart_series = series(report)
+    cards = _cards(report)
+    card_of = {id(card.item): card for card in cards}
+    template = _environment().get_template("report.html.jinja")
+    return template.render(
+        report=report,
+        counts=report.counts,
+        outcome_meaning=OUTCOME_MEANING,
+        worst=[card_of[id(item)] for item in report.worst()],
+        causes=report.causes_summary,
+        cards=cards,
+        chart=ssim_chart(report),
+        chart_series=chart_series,
+        palette_size=len(PALETTE),
+        exit_codes=EXIT_CODES,
+        css=Markup(css),
+        js=Markup(js),
+        csp=csp,
+    )
