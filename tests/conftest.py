@@ -1,6 +1,14 @@
-import pytest
+import os
 
-from fixtures import ORACLE_DIR
+# Hold CPU kernels to the AVX2 paths the oracle previews were made with (read when torch loads).
+from pipelines.omnigen2.cpu_profile import CPU_PROFILES
+
+for _key, _value in CPU_PROFILES["avx2"].items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+
+from fixtures import ORACLE_DIR  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
