@@ -1,0 +1,320 @@
+"""LoRA files for the OmniGen2 transformer: read every common format, report matched and unmatched keys, and
+apply them the way ai-toolkit samples previews.
+
+ai-toolkit quirks reproduced here (its ``network_mixins.py``):
+
+- merge (every prompt of the round has the same multiplier and the base is not quantised):
+  ``W = dtype(float32(W) + m * (B @ A) * scale)`` in float32, rounded once to the model dtype;
+- merge-out after the round adds ``-|m| * (B @ A) * scale`` the same way: rounding twice leaves base weights a
+  bf16 step off ("drift"), and a negative ``m`` is added twice and never removed;
+- modules whose A or B is all zero are skipped by both (the step-0 round changes nothing);
+- unmerged (side branch): ``y = base(x) + dtype(B(A(float32(x))) * scale * m)``, skipped when ``m == 0``;
+- scale is ``alpha / rank`` when the file has ``.alpha`` keys; ai-toolkit's own files have none (scale 1).
+
+Base weights are restored exactly from a snapshot of the pristine tensors, never by subtracting.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Known key prefixes, longest first; the module path follows them.
+PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+# (down, up) suffix pairs of each naming convention.
+PAIR_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+)
+ALPHA_SUFFIX = ".alpha"
+KOHYA_PREFIX = "lora_unet_"
+
+
+class LoraError(Exception):
+    """A LoRA file that cannot be used (unreadable, pickle, nothing that applies)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class LoraModule:
+    """One low-rank pair for the Linear at ``path``: ``delta W = scale * up @ down``."""
+
+    path: str
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def is_zero(self) -> bool:
+        return not self.up.any() or not self.down.any()
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA file. ``module_paths`` are as named in the file (after prefix stripping)."""
+
+    path: Path
+    format: str
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str]
+    dtypes: list[str]
+    unparsed_keys: list[str] = field(default_factory=list)
+    unpaired_keys: list[str] = field(default_factory=list)
+
+    @property
+    def training_step(self) -> int | None:
+        try:
+            return int(json.loads(self.metadata.get("training_info", "{}")).get("step"))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            return None
+
+
+@dataclass
+class KeyReport:
+    """How a LoRA's modules matched the transformer's Linear layers. Never silent about a miss."""
+
+    matched: list[str]
+    unmatched: list[str]
+    shape_mismatches: list[str]
+    unparsed_keys: list[str]
+    unpaired_keys: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.matched) and not (
+            self.unmatched or self.shape_mismatches or self.unparsed_keys or self.unpaired_keys
+        )
+
+    def problem(self) -> str | None:
+        """One line describing what did not apply, or None when everything matched."""
+        if self.ok:
+            return None
+        parts = []
+        if not self.matched:
+            parts.append("applies to 0 layers")
+        for label, names in (
+            ("unmatched modules", self.unmatched),
+            ("shape mismatches", self.shape_mismatches),
+            ("unrecognised keys", self.unparsed_keys),
+            ("unpaired keys", self.unpaired_keys),
+        ):
+            if names:
+                shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                parts.append(f"{len(names)} {label}: {shown}")
+        return "; ".join(parts)
+
+
+def _strip_prefix(key: str) -> tuple[str, str]:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return prefix, key[len(prefix) :]
+    return "", key
+
+
+def read_lora(path: str | Path, module_names: list[str] | None = None) -> LoraFile:
+    """Parse a LoRA safetensors file of any supported format.
+
+    ``module_names`` (the transformer's Linear paths) resolves kohya ``lora_unet_a_b_c`` names, whose dots were
+    flattened to underscores; without it kohya keys stay unparsed.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoraError(path, "not a .safetensors file (pickle LoRAs are never loaded)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:
+        raise LoraError(path, f"unreadable safetensors file ({exc})") from None
+    if not tensors:
+        raise LoraError(path, "contains no tensors")
+
+    kohya = {name.replace(".", "_"): name for name in module_names or []}
+    downs, ups, alphas, unparsed = {}, {}, {}, []
+    formats = set()
+    for key, tensor in tensors.items():
+        prefix, rest = _strip_prefix(key)
+        module = kind = None
+        for down_suffix, up_suffix in PAIR_SUFFIXES:
+            for suffix, which in ((down_suffix, "down"), (up_suffix, "up")):
+                if rest.endswith(suffix):
+                    module, kind = rest[: -len(suffix)], which
+                    formats.add(f"{prefix or '(no prefix)'}*{down_suffix.split('.')[-2]}")
+        if module is None and rest.endswith(ALPHA_SUFFIX):
+            module, kind = rest[: -len(ALPHA_SUFFIX)], "alpha"
+        if module is not None and module.startswith(KOHYA_PREFIX):
+            flat = module[len(KOHYA_PREFIX) :]
+            module = kohya.get(flat, module)
+            formats.add("kohya")
+        if module is None:
+            unparsed.append(key)
+            continue
+        {"down": downs, "up": ups, "alpha": alphas}[kind][module] = tensor
+
+    modules, unpaired = {}, []
+    for name in sorted(set(downs) | set(ups)):
+        if name not in downs or name not in ups:
+            unpaired.append(name + (" (no down/A)" if name not in downs else " (no up/B)"))
+            continue
+        down, up = downs[name].float(), ups[name].float()
+        scale = float(alphas[name].float().item()) / down.shape[0] if name in alphas else 1.0
+        modules[name] = LoraModule(name, down, up, scale)
+    return LoraFile(
+        path=path,
+        format=describe_format(formats),
+        modules=modules,
+        metadata=metadata,
+        dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
+        unparsed_keys=unparsed,
+        unpaired_keys=unpaired,
+    )
+
+
+def describe_format(found: set[str]) -> str:
+    if "kohya" in found:
+        return "kohya"
+    if any(f.startswith("diffusion_model.") and f.endswith("lora_A") for f in found):
+        return "ai-toolkit"
+    if any(f.endswith("lora_A") for f in found):
+        return "diffusers/peft"
+    if any(f.endswith(("lora_down", "down")) for f in found):
+        return "lora_down/lora_up"
+    return "unknown"
+
+
+def linear_modules(transformer: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear-like module (plain or quantised) of the transformer by dotted path."""
+    return {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear) or _is_qlinear(m)}
+
+
+def _is_qlinear(module: nn.Module) -> bool:
+    return type(module).__name__ == "QLinear"
+
+
+def match_lora(lora: LoraFile, transformer: nn.Module) -> KeyReport:
+    targets = linear_modules(transformer)
+    matched, unmatched, mismatched = [], [], []
+    for name, module in lora.modules.items():
+        target = targets.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        out_features, in_features = target.weight.shape
+        if module.down.shape[1] != in_features or module.up.shape[0] != out_features:
+            mismatched.append(
+                f"{name} (LoRA {tuple(module.up.shape)}@{tuple(module.down.shape)}, layer {out_features}x{in_features})"
+            )
+            continue
+        matched.append(name)
+    return KeyReport(sorted(matched), sorted(unmatched), mismatched, lora.unparsed_keys, lora.unpaired_keys)
+
+
+class LoraPatcher:
+    """Applies LoRAs to a transformer and puts its pristine weights back bit for bit.
+
+    ``merge`` / ``merge_out`` change weights in place as ai-toolkit does; ``attach`` adds an unmerged side
+    branch; ``restore`` undoes everything. One base load serves every checkpoint of a run.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self.targets = linear_modules(transformer)
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+
+    def _weight(self, path: str) -> torch.Tensor:
+        module = self.targets[path]
+        if _is_qlinear(module):
+            raise LoraError(path, "cannot merge into a quantised layer (ai-toolkit runs it unmerged)")
+        if path not in self._pristine:
+            self._pristine[path] = module.weight.detach().clone()
+        return module.weight
+
+    @torch.no_grad()
+    def merge(self, lora: LoraFile, multiplier: float) -> int:
+        """Merge ``lora`` with ``multiplier`` into the weights; returns how many modules changed."""
+        changed = 0
+        for name, module in lora.modules.items():
+            if name not in self.targets or module.is_zero():
+                continue
+            weight = self._weight(name)
+            up = module.up.to(weight.device)
+            down = module.down.to(weight.device)
+            merged = weight.float() + multiplier * (up @ down) * module.scale
+            weight.copy_(merged.to(weight.dtype))
+            changed += 1
+        return changed
+
+    def merge_out(self, lora: LoraFile, multiplier: float) -> int:
+        """ai-toolkit's merge-out: merge again with ``-|multiplier|``."""
+        return self.merge(lora, -abs(multiplier))
+
+    def replay_merge_history(self, rounds: list[tuple[LoraFile, float]]) -> None:
+        """Merge in and out each earlier merged round, leaving the base drifted exactly as ai-toolkit's was."""
+        for lora, multiplier in rounds:
+            self.merge(lora, multiplier)
+            self.merge_out(lora, multiplier)
+
+    def attach(self, lora: LoraFile, multiplier: float) -> int:
+        """Run ``lora`` unmerged: a float32 side branch added to each matched layer's output."""
+        if multiplier == 0:
+            return 0
+        count = 0
+        for name, module in lora.modules.items():
+            target = self.targets.get(name)
+            if target is None:
+                continue
+            hook = target.register_forward_hook(_side_branch(module, multiplier, target.weight.device))
+            self._hooks.append(hook)
+            count += 1
+        return count
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Remove side branches and copy every touched weight back from its pristine snapshot."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for name, pristine in self._pristine.items():
+            self.targets[name].weight.copy_(pristine)
+
+    def drift(self) -> dict:
+        """How far the current weights are from pristine: max abs difference and tensors changed."""
+        max_abs, changed = 0.0, 0
+        for name, pristine in self._pristine.items():
+            delta = (self.targets[name].weight.float() - pristine.float()).abs().max().item()
+            if delta > 0:
+                changed += 1
+                max_abs = max(max_abs, delta)
+        return {"max_abs": max_abs, "tensors_changed": changed}
+
+
+def _side_branch(module: LoraModule, multiplier: float, device: torch.device):
+    down = module.down.to(device)
+    up = module.up.to(device)
+    scale = torch.tensor(module.scale, dtype=torch.float32, device=device)
+    factor = torch.tensor((multiplier,), dtype=torch.float32, device=device)
+
+    def hook(layer, inputs, output):
+        x = inputs[0]
+        if hasattr(x, "dequantize"):
+            x = x.dequantize()
+        branch = nn.functional.linear(nn.functional.linear(x.to(torch.float32), down), up) * scale
+        branch = branch * factor.view(*([1] * branch.dim()))
+        return output + branch.to(output.dtype)
+
+    return hook
+
