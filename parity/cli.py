@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from parity.errors import InputError, ParityError
@@ -112,14 +113,165 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
+VERDICT_STYLE = {"EXACT": "bold green", "PASS": "green", "DRIFT": "yellow", "FAIL": "bold red",
+                 "SKIPPED": "dim", "ERROR": "bold red"}
+
+
+def _parse_lora_overrides(values: list[str]) -> dict[int, Path]:
+    overrides = {}
+    for value in values:
+        step, sep, file = value.partition("=")
+        if not sep or not step.strip().isdigit() or not file:
+            raise InputError(None, f"--lora expects STEP=FILE (e.g. 250=lora_step250.safetensors), got {value!r}")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise InputError(path, "LoRA file given with --lora not found")
+        overrides[int(step)] = path
+    return overrides
+
+
+@app.command("check")
+def check_command(
+    job_dir: Annotated[Path, typer.Argument(help="ai-toolkit job folder.", show_default=False)],
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Base model folder or Hugging Face id (cache only).")
+    ] = None,
+    steps: Annotated[str, typer.Option(help="Which rounds: all, latest or N,M,...")] = "all",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the job's train.dtype).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder (never inside the job folder).")] = Path(
+        "parity-report"
+    ),
+    fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 on: fail, or drift (DRIFT too).")] = "fail",
+    noise: Annotated[
+        str, typer.Option(help="Initial-noise draw: auto (chosen from step-0 previews), native or an algorithm name.")
+    ] = "auto",
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", metavar="STEP=FILE", help="Use FILE as the LoRA of STEP.")
+    ] = None,
+    assets: Annotated[Path | None, typer.Option(help="Folder searched by file name for reference images.")] = None,
+    cpu_profile: Annotated[
+        str, typer.Option("--cpu-profile", help="CPU kernels: native, or avx2 to compute like an AVX2-only trainer CPU.")
+    ] = "native",
+    kernels: Annotated[str, typer.Option(help="GPU kernel set: torch (SDPA) or flash (flash-attn).")] = "torch",
+    no_drift: Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")] = False,
+    ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.")] = None,
+    psnr_pass: Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at least this.")] = None,
+    ssim_drift: Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.")] = None,
+) -> None:
+    """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml."""
+    from pipelines.omnigen2.cpu_profile import apply_cpu_profile
+
+    if fail_on not in ("fail", "drift"):
+        raise InputError(None, f"--fail-on must be fail or drift, got {fail_on!r}")
+    try:
+        apply_cpu_profile(cpu_profile)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(None, str(exc)) from None
+    from parity.check import CheckOptions, run_check
+    from parity.errors import EnvironmentProblem
+    from parity.replay import ReplayOptions
+    from parity.scores import Thresholds
+    from reports import write_reports
+
+    device = _resolve_device(device)
+    if kernels not in ("torch", "flash"):
+        raise InputError(None, f"--kernels must be torch or flash, got {kernels!r}")
+    if kernels == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise EnvironmentProblem(None, "--kernels flash needs the flash_attn package") from None
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
+        pass_min_psnr_db=psnr_pass if psnr_pass is not None else defaults.pass_min_psnr_db,
+        drift_min_ssim=ssim_drift if ssim_drift is not None else defaults.drift_min_ssim,
+    )
+    options = CheckOptions(
+        replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
+                             lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
+                             kernel_profile=kernels),
+        steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
+        use_cache=not no_cache,
+    )
+    _check_noise_name(noise)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def step(label: str) -> None:
+            if label.endswith((".jpg", ".png", ".webp", ".jpeg")):
+                bar.update(task, advance=1, description=f"replaying {label}")
+            else:
+                bar.update(task, description=label)
+
+        from parity.plan import build_plan
+
+        total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable)
+        bar.update(task, total=total)
+        report = run_check(job_dir, options, progress=step)
+    paths = write_reports(report, out)
+    _print_summary(report, paths)
+    raise typer.Exit(report.exit_code)
+
+
+def _check_noise_name(noise: str) -> None:
+    from pipelines.omnigen2.noise import ALGORITHMS
+
+    if noise != "auto" and noise not in ALGORITHMS:
+        raise InputError(None, f"--noise must be auto or one of {', '.join(ALGORITHMS)}, got {noise!r}")
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    from parity.errors import EnvironmentProblem
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(None, "--device cuda was asked for but torch sees no CUDA device")
+        return device
+    if device != "cpu":
+        raise InputError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def _print_summary(report, paths) -> None:
+    table = Table(title=f"parity check: {report.job_name}", title_justify="left")
+    for column in ("step", "#", "preview", "verdict", "SSIM", "PSNR", "max", "causes"):
+        table.add_column(column)
+    for item in report.items:
+        outcome = item.outcome.value
+        metrics = item.score.metrics if item.score else None
+        table.add_row(
+            str(item.step), str(item.prompt_index), item.preview_file,
+            f"[{VERDICT_STYLE.get(outcome, '')}]{outcome}[/]",
+            f"{metrics.ssim:.4f}" if metrics else "-",
+            ("inf" if metrics.psnr_db == float("inf") else f"{metrics.psnr_db:.1f}") if metrics else "-",
+            str(metrics.max_abs_diff) if metrics else "-",
+            ", ".join(c.code for c in item.causes) or "-",
+        )
+    console.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items() if v)
+    console.print(f"{counts}  |  noise {report.noise_algorithm} ({report.noise_algorithm_reason})")
+    for summary in report.causes_summary:
+        console.print(escape(f"  [{summary.severity}] {summary.title}  ({summary.count} preview(s)) -> {summary.fix}"))
+    console.print(f"report: {paths['html']}  json: {paths['json']}  junit: {paths['junit']}")
+    console.print(f"exit code {report.exit_code} (--fail-on {report.fail_on})")
+
+
 def main() -> None:
     """Console entry point: every ParityError becomes one line on stderr and its exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code instead of raising it
     except ParityError as exc:
         err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         err_console.print("aborted")
@@ -131,3 +283,4 @@ def main() -> None:
             exc.show()
             sys.exit(2)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -162,11 +162,22 @@ def load_tokenizer(root: Path):
     return tokenizer
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers load chatter (progress bars, the accelerate hint): we report ourselves."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def load_components(
     name_or_path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Components:
     """Load every part of OmniGen2 once. The MLLM, transformer and VAE all run in ``dtype`` (no autocast)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
     root = resolve_model_dir(name_or_path)
     check_layout(root)
     device = torch.device(device)

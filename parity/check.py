@@ -1,0 +1,157 @@
+"""``parity check``: plan -> replay (one base load) -> score -> causes -> report.
+
+Replays are cached under ``<out>/replays/`` by a key of everything that determines their pixels and written
+atomically as each one finishes, so a re-run reuses them and a run killed half way loses nothing finished.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from parity import __version__
+from parity.causes import item_causes, lora_keys_cause
+from parity.errors import InputError
+from parity.plan import ReplayItem, ReplayPlan, build_plan
+from parity.replay import Replayer, ReplayOptions
+from parity.results import Cause, CheckReport, PreviewResult
+from parity.scores import Thresholds, score_replay
+
+PIPELINE_PROFILE = "aitoolkit-omnigen2-preview"
+
+
+@dataclass
+class CheckOptions:
+    replay: ReplayOptions = field(default_factory=ReplayOptions)
+    steps: str = "all"  # "all", "latest" or "N,M,..."
+    out_dir: Path = Path("parity-report")
+    assets_dir: Path | None = None
+    fail_on: str = "fail"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    use_cache: bool = True
+
+
+def select_items(plan: ReplayPlan, steps: str) -> list[ReplayItem]:
+    """The plan's items for ``--steps`` (all, latest, or a comma list of step numbers)."""
+    items = list(plan.items)
+    if steps == "all":
+        return items
+    if steps == "latest":
+        latest = max(i.step for i in items)
+        return [i for i in items if i.step == latest]
+    try:
+        wanted = {int(s) for s in steps.split(",") if s.strip()}
+    except ValueError:
+        raise InputError(None, f"--steps must be all, latest or a comma list of step numbers, got {steps!r}") from None
+    unknown = wanted - {i.step for i in items}
+    if unknown:
+        raise InputError(plan.job_dir, f"no previews at step(s) {', '.join(map(str, sorted(unknown)))}")
+    return [i for i in items if i.step in wanted]
+
+
+def settings_of(item: ReplayItem) -> dict:
+    keys = ("prompt", "negative_prompt", "seed", "width", "height", "gen_width", "gen_height",
+            "num_inference_steps", "guidance_scale", "network_multiplier", "lora_merged", "weights", "checkpoint",
+            "ctrl_img")
+    return {k: getattr(item, k) for k in keys}
+
+
+def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[str], None] | None = None):
+    """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
+    plan = build_plan(job_dir, options.assets_dir)
+    items = select_items(plan, options.steps)
+    out = Path(options.out_dir).resolve()
+    guard_out_dir(out, Path(plan.job_dir).resolve())
+    replayer = Replayer(plan, options.replay)
+    replays_dir = out / "replays"
+    samples = Path(plan.job_dir) / "samples"
+
+    def ssim_of(item: ReplayItem, pixels: np.ndarray) -> float:
+        return score_replay(samples / item.file, pixels, options.thresholds).metrics.ssim
+
+    replayable = [i for i in items if i.replayable]
+    if replayable:
+        replayer.load()
+        if progress:
+            progress("choosing the noise algorithm")
+        replayer.choose_noise_algorithm(ssim_of)
+
+    results = []
+    for item in items:
+        preview_path = samples / item.file
+        causes = item_causes(plan, item)
+        if not item.replayable:
+            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
+                                         item.reason, causes=causes, preview_path=preview_path))
+            continue
+        if progress:
+            progress(item.file)
+        try:
+            key, info = replayer.prepare(item)
+            png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+            if options.use_cache and png.is_file():
+                pixels = np.array(Image.open(png).convert("RGB"))
+            else:
+                pixels = replayer.replay(item).pixels
+                save_png_atomic(png, pixels)
+            score = score_replay(preview_path, pixels, options.thresholds)
+        except InputError:
+            raise
+        except Exception as exc:  # a crash in one replay is reported, not fatal to the run
+            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
+                                         causes=causes, preview_path=preview_path,
+                                         error=f"{type(exc).__name__}: {exc}"))
+            continue
+        if info["lora_problem"]:
+            causes.append(lora_keys_cause(info["lora_problem"], item.checkpoint))
+        settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
+        if info["residuals"] and score.verdict.value != "EXACT":
+            causes.append(Cause(
+                "predicted_residual", "info", "expected residual: " + "; ".join(info["residuals"]),
+                "The job's files do not carry the exact weights the preview was made with, so a small difference "
+                "remains even with a perfect replay.",
+                "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
+                {"residuals": info["residuals"]},
+            ))
+        results.append(PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
+                                     causes=causes, preview_path=preview_path, replay_png=png))
+
+    return CheckReport(
+        tool_version=__version__,
+        job_dir=str(plan.job_dir),
+        job_name=plan.job_name,
+        base_model=replayer.base_model_path(),
+        device=options.replay.device,
+        dtype=replayer.dtype_name,
+        pipeline_profile=PIPELINE_PROFILE,
+        noise_algorithm=replayer.noise_algorithm,
+        noise_algorithm_reason=replayer.noise_reason,
+        thresholds=options.thresholds,
+        fail_on=options.fail_on,
+        items=results,
+        warnings=list(plan.warnings),
+    )
+
+
+def guard_out_dir(out: Path, job_dir: Path) -> None:
+    """The job folder is read-only to us: refuse any output inside it."""
+    if out == job_dir or job_dir in out.parents:
+        raise InputError(out, "the report folder is inside the job folder; parity never writes there (use --out)")

@@ -1,0 +1,344 @@
+"""Replay a plan's previews through the reference OmniGen2 pipeline: one base load per run.
+
+For every preview the ``Replayer`` puts the transformer in the state ai-toolkit sampled it in: the base weights
+drifted by the merge/un-merge cycles of earlier merged rounds (when their weights exist), then the round's LoRA
+merged (same multiplier across the round) or attached as a float32 side branch. It predicts the residual that
+the files cannot remove (a LoRA rounded to float16, an earlier checkpoint deleted) and says so per preview.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from parity import __version__
+from parity.errors import EnvironmentProblem, InputError
+from parity.plan import ReplayItem, ReplayPlan
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
+          "fp32": "float32", "float32": "float32", "float": "float32"}
+# Distinct CPU draw algorithms worth trying when choosing automatically (2.11's two paths draw bf16 alike).
+NOISE_CANDIDATES = ("torch2.11-avx512", "torch2.11-scalar", "torch2.13-avx2", "torch2.13-scalar")
+
+
+@dataclass
+class ReplayOptions:
+    """How to replay. Defaults reproduce the previews; every field is a named knob."""
+
+    base_model: str | None = None  # overrides the config's model.name_or_path (a training-machine path)
+    device: str = "cpu"
+    dtype: str | None = None  # default: the job's train.dtype
+    noise_algorithm: str = "auto"  # a pipelines.omnigen2.noise name, "native", or "auto" (from step-0 previews)
+    lora_overrides: dict[int, Path] = field(default_factory=dict)  # step -> LoRA file used instead
+    reproduce_drift: bool = True  # replay earlier merge/un-merge rounds onto the base
+    kernel_profile: str = "torch"
+
+
+@dataclass
+class Replay:
+    """One finished replay."""
+
+    pixels: np.ndarray
+    key: str  # hash of everything that determines the pixels
+    weights: str  # what the transformer ran with, in words
+    residuals: list[str]  # known sources of difference that the files cannot remove
+    lora_problem: str | None = None  # unmatched LoRA keys, named
+
+
+def torch_dtype_name(name: str) -> str:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise InputError(None, f"unknown dtype {name!r}; use bf16, fp16 or fp32") from None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Replayer:
+    """Loads the base model once and replays plan items in any order."""
+
+    def __init__(self, plan: ReplayPlan, options: ReplayOptions):
+        self.plan = plan
+        self.options = options
+        self.job_dir = Path(plan.job_dir)
+        self.dtype_name = torch_dtype_name(options.dtype or plan.train_dtype)
+        self.noise_algorithm = options.noise_algorithm
+        self.noise_reason = "given with --noise"
+        self._pipe = None
+        self._patcher = None
+        self._loras: dict[Path, object] = {}
+        self._digests: dict[Path, str] = {}
+        self._state: tuple | None = None
+        self._base_fingerprint: str | None = None
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def base_model_path(self) -> str:
+        base = self.options.base_model or self.plan.extras_model or self.plan.base_model
+        if not base:
+            raise InputError(self.plan.config_file, "model.name_or_path is not set; pass --base-model")
+        return base
+
+    def load(self) -> None:
+        """Load the base model (once). Raises EnvironmentProblem/InputError with one clear line."""
+        if self._pipe is not None:
+            return
+        import torch
+
+        from pipelines.omnigen2 import kernels
+        from pipelines.omnigen2.loading import ModelLoadError, load_components, resolve_model_dir
+        from pipelines.omnigen2.lora import LoraPatcher
+        from pipelines.omnigen2.pipeline import OmniGen2Pipeline
+
+        if self.options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EnvironmentProblem(None, "CUDA was asked for (--device cuda) but torch sees no CUDA device")
+        kernels.set_kernel_profile(self.options.kernel_profile)
+        base = self.base_model_path()
+        try:
+            root = resolve_model_dir(base)
+            components = load_components(root, getattr(torch, self.dtype_name), self.options.device)
+        except ModelLoadError as exc:
+            hint = "" if self.options.base_model else " (the config's path; pass --base-model PATH|ID)"
+            if exc.missing:
+                raise EnvironmentProblem(exc.path, f"base model not found{hint}") from None
+            raise InputError(exc.path, exc.problem) from None
+        if self.plan.quantize_te:
+            quantize_module(components.mllm, self.plan.qtype_te, "text encoder")
+        if self.plan.quantize:
+            quantize_module(components.transformer, self.plan.qtype, "transformer")
+        self._pipe = OmniGen2Pipeline(components)
+        self._patcher = LoraPatcher(components.transformer)
+        self._base_fingerprint = model_fingerprint(root)
+
+    @property
+    def pipeline(self):
+        self.load()
+        return self._pipe
+
+    # -- weights -------------------------------------------------------------------------------------------
+    def lora_path(self, step: int, checkpoint: str | None) -> Path | None:
+        if step in self.options.lora_overrides:
+            return Path(self.options.lora_overrides[step])
+        if checkpoint:
+            return self.job_dir / checkpoint
+        return None
+
+    def read_lora(self, path: Path):
+        from pipelines.omnigen2.lora import LoraError, read_lora
+
+        if path not in self._loras:
+            if not path.is_file():
+                raise InputError(path, "LoRA file not found")
+            try:
+                self._loras[path] = read_lora(path, list(self._patcher.targets))
+            except LoraError as exc:
+                raise InputError(exc.path, exc.problem) from None
+            self._digests[path] = file_digest(path)
+        return self._loras[path]
+
+    def merge_history(self, item: ReplayItem) -> tuple[list[tuple[Path, float]], list[str]]:
+        """Earlier merged rounds whose merge/un-merge drifted the base before ``item``'s round."""
+        history, missing = [], []
+        rounds: dict[tuple[int, str], list[ReplayItem]] = {}
+        for other in self.plan.items:
+            if other.step < item.step and other.lora_merged and other.weights != "base":
+                rounds.setdefault((other.step, other.round), []).append(other)
+        for (step, _), members in sorted(rounds.items()):
+            path = self.lora_path(step, members[0].checkpoint)
+            if path is None or not path.is_file():
+                missing.append(step)
+                continue
+            history.append((path, float(members[0].network_multiplier or 1.0)))
+        return history, missing
+
+    def _apply(self, item: ReplayItem) -> tuple[str, list[str], str | None, list]:
+        """Put the transformer in ``item``'s state; returns (weights text, residuals, lora problem, key parts)."""
+        from pipelines.omnigen2.lora import match_lora
+
+        self.load()
+        patcher = self._patcher
+        path = self.lora_path(item.step, item.checkpoint) if item.weights != "base" else None
+        multiplier = float(item.network_multiplier if item.network_multiplier is not None else 1.0)
+        merged = bool(item.lora_merged) and not self.plan.quantize
+        history, missing = ([], [])
+        if path is not None and merged and self.options.reproduce_drift:
+            history, missing = self.merge_history(item)
+        state = (str(path), merged, multiplier, tuple(history))
+        residuals: list[str] = []
+        problem = None
+        if path is None:
+            weights = "base model (step 0: the LoRA was still zero)" if item.step == 0 else "base model"
+        else:
+            lora = self.read_lora(path)
+            report = match_lora(lora, self.pipeline.c.transformer)
+            problem = report.problem()
+            mode = f"merged x{multiplier:g}" if merged else f"unmerged side branch x{multiplier:g}"
+            source = "override" if item.step in self.options.lora_overrides else "checkpoint"
+            weights = f"{path.name} ({source}, {mode}, {len(report.matched)} layers)"
+            if source == "checkpoint" and any(d in ("float16", "bfloat16") for d in lora.dtypes):
+                residuals.append(f"fp16-rounded LoRA: {path.name} is the fp32 LoRA rounded to {'/'.join(lora.dtypes)}")
+            if history:
+                weights += f", base drifted by {len(history)} earlier merge round(s)"
+            if missing:
+                residuals.append(
+                    "merge drift not reproduced: checkpoint of earlier merged step(s) "
+                    f"{', '.join(map(str, missing))} missing"
+                )
+            rounded = [p.name for p, _ in history if p.parent == self.job_dir and "float16" in self.read_lora(p).dtypes]
+            if rounded:
+                residuals.append(f"merge drift replayed from float16 checkpoints ({', '.join(rounded)}), not the fp32 weights")
+        if state != self._state:
+            patcher.restore()
+            for hpath, hm in history:
+                patcher.replay_merge_history([(self.read_lora(hpath), hm)])
+            if path is not None:
+                lora = self.read_lora(path)
+                if merged:
+                    patcher.merge(lora, multiplier)
+                else:
+                    patcher.attach(lora, multiplier)
+            self._state = state
+        key_parts = [
+            self._digests.get(path) if path else None,
+            merged,
+            multiplier,
+            [(self._digests[p], m) for p, m in history],
+        ]
+        return weights, residuals, problem, key_parts
+
+    # -- noise ---------------------------------------------------------------------------------------------
+    def choose_noise_algorithm(self, score_fn, max_previews: int = 2) -> tuple[str, str]:
+        """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best."""
+        from pipelines.omnigen2 import noise
+
+        if self.noise_algorithm != "auto":
+            return self.noise_algorithm, self.noise_reason
+        probes = [i for i in self.plan.items if i.step == 0 and i.replayable and i.weights == "base"]
+        probes = probes[:max_previews]
+        native = str(noise.detect_native_algorithm(probe=False))
+        if not probes:
+            self.noise_algorithm = native
+            self.noise_reason = "no step-0 preview to choose from: this torch's own draw"
+            return self.noise_algorithm, self.noise_reason
+        scores: dict[str, list[float]] = {}
+        seen: dict[bytes, str] = {}
+        for name in NOISE_CANDIDATES:
+            sample = self._noise_for(probes[0], name)
+            fingerprint = sample.float().numpy().tobytes()
+            if fingerprint in seen:  # identical draws: same algorithm for this dtype
+                continue
+            seen[fingerprint] = name
+            scores[name] = [score_fn(item, self.replay(item, name).pixels) for item in probes]
+        ranked = sorted(scores.items(), key=lambda kv: -float(np.mean(kv[1])))
+        best, best_scores = ranked[0]
+        self.noise_algorithm = best
+        runner = (
+            f"; next {ranked[1][0]} {np.mean(ranked[1][1]):.3f}" if len(ranked) > 1 else ""
+        )
+        self.noise_reason = (
+            f"chosen from {len(probes)} step-0 preview(s): mean SSIM {np.mean(best_scores):.3f}{runner}"
+        )
+        return self.noise_algorithm, self.noise_reason
+
+    def _noise_for(self, item: ReplayItem, algorithm: str):
+        import torch
+
+        from pipelines.omnigen2 import noise
+
+        shape = (1, self.pipeline.c.transformer.config.in_channels, item.gen_height // 8, item.gen_width // 8)
+        return noise.draw_initial_noise(int(item.seed), shape, algorithm, dtype=getattr(torch, self.dtype_name))
+
+    # -- replay --------------------------------------------------------------------------------------------
+    def request(self, item: ReplayItem, algorithm: str):
+        from PIL import Image
+
+        from pipelines.omnigen2.pipeline import ReplayRequest
+
+        refs = ()
+        if item.ctrl_img:
+            refs = (Image.open(item.ctrl_img),)
+        return ReplayRequest(
+            prompt=item.prompt,
+            negative_prompt=item.negative_prompt or "",
+            seed=int(item.seed),
+            width=int(item.width),
+            height=int(item.height),
+            num_inference_steps=int(item.num_inference_steps),
+            guidance_scale=float(item.guidance_scale),
+            reference_images=refs,
+            noise_algorithm=algorithm,
+        )
+
+    def cache_key(self, item: ReplayItem, algorithm: str, key_parts: list) -> str:
+        from pipelines.omnigen2 import kernels
+        from pipelines.omnigen2.cpu_profile import active_cpu_profile
+
+        fields = {
+            "parity": __version__,
+            "base": self._base_fingerprint,
+            "item": {k: getattr(item, k) for k in (
+                "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps",
+                "guidance_scale", "ctrl_img")},
+            "ctrl": file_digest(Path(item.ctrl_img)) if item.ctrl_img else None,
+            "weights": key_parts,
+            "noise": algorithm,
+            "dtype": self.dtype_name,
+            "device": self.options.device,
+            "kernels": kernels.kernel_profile(),
+            "cpu": active_cpu_profile() if self.options.device == "cpu" else None,
+            "quantize": [self.plan.quantize, self.plan.qtype, self.plan.quantize_te, self.plan.qtype_te],
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+    def prepare(self, item: ReplayItem, algorithm: str | None = None) -> tuple[str, dict]:
+        """Apply ``item``'s weights and return its cache key and what the replay ran with (no pixels yet)."""
+        algorithm = algorithm or self.noise_algorithm
+        weights, residuals, problem, parts = self._apply(item)
+        info = {"weights": weights, "residuals": residuals, "lora_problem": problem, "noise": algorithm}
+        return self.cache_key(item, algorithm, parts), info
+
+    def replay(self, item: ReplayItem, algorithm: str | None = None) -> Replay:
+        """Replay ``item`` (which must be replayable) and return its pixels."""
+        if not item.replayable:
+            raise ValueError(f"{item.file} is not replayable: {item.reason}")
+        algorithm = algorithm or self.noise_algorithm
+        if algorithm == "auto":
+            raise ValueError("choose the noise algorithm first (choose_noise_algorithm)")
+        key, info = self.prepare(item, algorithm)
+        output = self.pipeline(self.request(item, algorithm))
+        return Replay(output.pixels, key, info["weights"], info["residuals"], info["lora_problem"])
+
+
+def model_fingerprint(root: Path) -> str:
+    """Identity of a base model folder: every file's relative path, size and modification time."""
+    entries = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def quantize_module(module, qtype: str, what: str) -> None:
+    """Quantise weights in place with optimum-quanto, as ai-toolkit does for quantize / quantize_te."""
+    try:
+        from optimum import quanto
+    except ImportError:
+        raise EnvironmentProblem(
+            None, f"the job quantised its {what} ({qtype}); install optimum-quanto to replay it: pip install optimum-quanto"
+        ) from None
+    try:
+        weights = getattr(quanto, qtype)
+    except AttributeError:
+        raise InputError(None, f"unsupported quantisation type {qtype!r} for the {what}") from None
+    quanto.quantize(module, weights=weights)
+    quanto.freeze(module)
