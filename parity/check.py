@@ -125,9 +125,10 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
         if info["residuals"] and score.verdict.value != "EXACT":
             causes.append(Cause(
-                "predicted_residual", "info", "expected residual: " + "; ".join(info["residuals"]),
+                "predicted_residual", "info",
+                "expected residual: " + ", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),
                 "The job's files do not carry the exact weights the preview was made with, so a small difference "
-                "remains even with a perfect replay.",
+                "remains even with a perfect replay: " + "; ".join(info["residuals"]) + ".",
                 "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
                 {"residuals": info["residuals"]},
             ))
