@@ -36,14 +36,17 @@ def position_ids(text_len: int, ref_grids: Sequence[tuple[int, int]], image_grid
     """
     parts = [torch.arange(text_len, dtype=torch.int64).unsqueeze(1).expand(text_len, 3)]
     shift = text_len
-    for grid in [*ref_grids, image_grid]:
-        rows, cols = grid
-        row_ids = torch.arange(rows, dtype=torch.int64).repeat_interleave(cols)
-        col_ids = torch.arange(cols, dtype=torch.int64).repeat(rows)
-        parts.append(torch.stack([torch.full_like(row_ids, shift), row_ids, col_ids], dim=1))
-        if grid is not image_grid:
-            shift += max(rows, cols)
+    for rows, cols in ref_grids:
+        parts.append(_grid_ids(shift, rows, cols))
+        shift += max(rows, cols)
+    parts.append(_grid_ids(shift, *image_grid))
     return torch.cat(parts, dim=0)
+
+
+def _grid_ids(shift: int, rows: int, cols: int) -> torch.Tensor:
+    row_ids = torch.arange(rows, dtype=torch.int64).repeat_interleave(cols)
+    col_ids = torch.arange(cols, dtype=torch.int64).repeat(rows)
+    return torch.stack([torch.full_like(row_ids, shift), row_ids, col_ids], dim=1)
 
 
 def gather_rotations(tables: Sequence[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
