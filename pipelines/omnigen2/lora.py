@@ -258,6 +258,21 @@ class LoraPatcher:
             changed += 1
         return changed
 
+    @torch.no_grad()
+    def merge_like_server(self, lora: LoraFile, multiplier: float) -> int:
+        """ai-toolkit-inference's fuse: ``B @ A`` on the CPU in the file's dtype, cast to the model dtype and added
+        there with ``m`` (no float32 sum). Used to measure what that departure does to a preview."""
+        file_dtype = getattr(torch, lora.dtypes[0]) if len(lora.dtypes) == 1 else torch.float32
+        changed = 0
+        for name, module in lora.modules.items():
+            if name not in self.targets:
+                continue
+            weight = self._weight(name)
+            delta = (module.up.to(file_dtype) @ module.down.to(file_dtype)).to(weight.dtype).to(weight.device)
+            weight.add_(multiplier * delta)
+            changed += 1
+        return changed
+
     def merge_out(self, lora: LoraFile, multiplier: float) -> int:
         """ai-toolkit's merge-out: merge again with ``-|multiplier|``."""
         return self.merge(lora, -abs(multiplier))

@@ -57,7 +57,7 @@ class OmniGen2Pipeline:
     def __init__(self, components: Components):
         self.c = components
         self.vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
-        self._text_cache: dict[tuple[str, int], TextEncoding] = {}
+        self._text_cache: dict[tuple[str, int, int], TextEncoding] = {}
 
     def check_inputs(self, r: ReplayRequest) -> None:
         if r.width < 16 or r.height < 16:
@@ -69,8 +69,9 @@ class OmniGen2Pipeline:
 
     @torch.no_grad()
     def encode_text(self, prompt: str, passes: int = quirks.CHAT_TEMPLATE_PASSES) -> TextEncoding:
-        """Prompt -> (last hidden states, mask), both in the model dtype. Cached: it does not depend on the LoRA."""
-        key = (prompt, passes)
+        """Prompt -> (last hidden states, mask), both in the model dtype. Cached per text encoder (a quantised one
+        is another object): the encoding does not depend on the LoRA."""
+        key = (prompt, passes, id(self.c.mllm))
         if key not in self._text_cache:
             text = quirks.chat_text(self.c.tokenizer, prompt, passes)
             tokens = self.c.tokenizer(
