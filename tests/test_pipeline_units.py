@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from safetensors.torch import save_file
 
-from fixtures.tiny_model import TINY_TRANSFORMER, randomise_
+from fixtures.tiny_model import TINY_TRANSFORMER, TINY_VAE, randomise_
 from pipelines.omnigen2 import quirks
 from pipelines.omnigen2.lora import LoraPatcher, linear_modules, match_lora, read_lora
 from pipelines.omnigen2.rope import apply_rotation, frequency_tables, gather_rotations, position_ids
@@ -125,21 +128,10 @@ def test_two_reference_images_shift_by_max_h_w_each_and_the_target_comes_last():
 
 
 def test_reference_image_of_the_target_size_shifts_the_target():
-    # Grids built at run time, as the transformer builds them.
-    ref, image = tuple([4, 4]), tuple([4, 4])
-    ids = position_ids(5, [ref], image)
-    assert ids[5:21, 0].unique().tolist() == [5]
-    assert ids[21:, 0].unique().tolist() == [9]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="rope.position_ids compares grids by identity (`grid is not image_grid`): a reference grid that is "
-    "the same tuple object as the target's (equal literals are one constant) does not move the shift",
-)
-def test_reference_grid_equal_to_the_target_grid_literal_shifts_the_target():
-    ids = position_ids(5, [(4, 4)], (4, 4))
-    assert ids[21:, 0].unique().tolist() == [9]
+    # Equal literals are one tuple object; grids built at run time (as the transformer does) are distinct ones.
+    for ids in (position_ids(5, [(4, 4)], (4, 4)), position_ids(5, [tuple([4, 4])], tuple([4, 4]))):
+        assert ids[5:21, 0].unique().tolist() == [5]
+        assert ids[21:, 0].unique().tolist() == [9]
 
 
 def test_frequency_tables_are_complex128_exp_i_pos_theta_powers():
@@ -219,6 +211,48 @@ def test_noise_shape_uses_the_generation_size():
 )
 def test_requested_size_floors_to_8_with_a_minimum_of_64(width, height, expected):
     assert quirks.requested_size(width, height) == expected
+
+
+def _gradient_image(width: int, height: int) -> Image.Image:
+    rows = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    cols = np.linspace(255, 0, width, dtype=np.float32)[None, :]
+    return Image.fromarray(
+        np.stack([rows + 0 * cols, 0 * rows + cols, (rows + cols) / 2], -1).astype(np.uint8)
+    )
+
+
+def test_reference_pixels_equal_the_image_processors_values():
+    # OmniGen2's image processor is diffusers' VaeImageProcessor: [0, 1] floats, NCHW, then 2x - 1.
+    image = _gradient_image(64, 80)
+    expected = VaeImageProcessor.normalize(
+        VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy(image))
+    )
+    assert torch.equal(quirks.reference_pixels(image), expected)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="quirks.reference_pixels builds [1,3,H,W] with strides (3, 1, 3W, 3) (permute, then unsqueeze); "
+    "OmniGen2's processor gives (3HW, 1, 3W, 3). PyTorch reads the first as NCHW and the second as channels_last, "
+    "so the VAE convolutions take other CPU kernels and the reference latents differ by a bf16 step",
+)
+def test_reference_pixels_take_the_image_processors_memory_layout_into_the_vae():
+    image = _gradient_image(64, 80)
+    expected = VaeImageProcessor.normalize(
+        VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy(image))
+    )
+    ours = quirks.reference_pixels(image)
+    with torch.random.fork_rng(devices=[]):
+        vae = AutoencoderKL(**TINY_VAE)
+    randomise_(vae, 11)
+    vae = vae.to(BF16).eval()
+    latents = []
+    for pixels in (ours, expected):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            latents.append(quirks.encode_reference(vae, pixels))
+    assert torch.equal(latents[0], latents[1])
+    assert ours.stride() == expected.stride()
 
 
 # ---------------------------------------------------------------- patchify
