@@ -178,11 +178,6 @@ def _reference_image() -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-REFERENCE_LAYOUT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="quirks.reference_pixels hands the VAE an NCHW-strided tensor where OmniGen2's processor hands a "
-    "channels_last one: other CPU conv kernels, reference latents a bf16 step off (test_pipeline_units pins it)",
-)
 REQUESTS = [
     pytest.param(
         ReplayRequest("a photo of a cat", "", seed=0, width=64, height=64, num_inference_steps=4, guidance_scale=3.0),
@@ -202,7 +197,6 @@ REQUESTS = [
             reference_images=(_reference_image(),),
         ),
         id="64x80-reference",
-        marks=REFERENCE_LAYOUT_BUG,
     ),
 ]  # fmt: skip
 

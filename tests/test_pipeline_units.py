@@ -230,12 +230,6 @@ def test_reference_pixels_equal_the_image_processors_values():
     assert torch.equal(quirks.reference_pixels(image), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quirks.reference_pixels builds [1,3,H,W] with strides (3, 1, 3W, 3) (permute, then unsqueeze); "
-    "OmniGen2's processor gives (3HW, 1, 3W, 3). PyTorch reads the first as NCHW and the second as channels_last, "
-    "so the VAE convolutions take other CPU kernels and the reference latents differ by a bf16 step",
-)
 def test_reference_pixels_take_the_image_processors_memory_layout_into_the_vae():
     image = _gradient_image(64, 80)
     expected = VaeImageProcessor.normalize(

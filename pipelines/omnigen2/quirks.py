@@ -71,7 +71,8 @@ def reference_pixels(image: Image.Image, max_pixels: int = MAX_PIXELS, max_side:
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), resample=Image.LANCZOS)
     array = np.array(image).astype(np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) - 1.0
+    # NHWC -> NCHW as a view (channels-last strides), like diffusers' processor: the VAE convs pick their kernel by it.
+    return 2.0 * torch.from_numpy(array).unsqueeze(0).permute(0, 3, 1, 2) - 1.0
 
 
 def decode_to_pixels(vae, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
