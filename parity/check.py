@@ -17,7 +17,9 @@ from PIL import Image
 
 from parity import __version__
 from parity.causes import item_causes, lora_keys_cause
+from parity.diagnose import bisect, finding_causes, floor_cause, noise_floor
 from parity.errors import InputError
+from parity.jobfolder import read_job_folder
 from parity.plan import ReplayItem, ReplayPlan, build_plan
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
@@ -35,6 +37,8 @@ class CheckOptions:
     fail_on: str = "fail"
     thresholds: Thresholds = field(default_factory=Thresholds)
     use_cache: bool = True
+    diagnose: bool = True  # flip knobs for every preview that does not pass
+    diagnose_budget: int = 80  # most replays per preview when diagnosing
 
 
 def select_items(plan: ReplayPlan, steps: str) -> list[ReplayItem]:
@@ -81,6 +85,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     out = Path(options.out_dir).resolve()
     guard_out_dir(out, Path(plan.job_dir).resolve())
     replayer = Replayer(plan, options.replay)
+    job = read_job_folder(plan.job_dir)
     replays_dir = out / "replays"
     samples = Path(plan.job_dir) / "samples"
 
@@ -120,8 +125,6 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                                          causes=causes, preview_path=preview_path,
                                          error=f"{type(exc).__name__}: {exc}"))
             continue
-        if info["lora_problem"]:
-            causes.append(lora_keys_cause(info["lora_problem"], item.checkpoint))
         settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
         if info["residuals"] and score.verdict.value != "EXACT":
             causes.append(Cause(
@@ -132,8 +135,34 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                 "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
                 {"residuals": info["residuals"]},
             ))
+        causes = finding_causes(score) + causes
+        if info["lora_problem"]:
+            causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
         results.append(PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
                                      causes=causes, preview_path=preview_path, replay_png=png))
+
+    floor = noise_floor(results)
+    if floor is not None:
+        for result in results:
+            if result.score is not None and (cause := floor_cause(result, floor)) is not None:
+                result.causes.append(cause)
+    if options.diagnose:
+        by_file = {item.file: item for item in items}
+        # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
+        base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in results)
+        stop_at = "EXACT" if base_exact else "PASS"
+        for result in results:
+            if result.score is None or result.score.verdict.value not in ("DRIFT", "FAIL"):
+                continue
+            if progress:
+                progress(f"diagnosing {result.preview_file}")
+            diagnosed, _ = bisect(replayer, plan, job, by_file[result.preview_file], result.preview_path,
+                                  result.score.metrics.ssim, options.thresholds, options.diagnose_budget, stop_at)
+            keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
+            rest = [c for c in result.causes if c.code != "lora_keys_unmatched"]
+            result.causes = keys + diagnosed + rest
+    for result in results:
+        result.causes = rank(result.causes)
 
     return CheckReport(
         tool_version=__version__,
@@ -150,6 +179,14 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         items=results,
         warnings=list(plan.warnings),
     )
+
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def rank(causes: list[Cause]) -> list[Cause]:
+    """Errors first, then warnings, then notes; within a severity the order found (diagnosis ranks its own)."""
+    return sorted(causes, key=lambda c: SEVERITY_ORDER.get(c.severity, 3))
 
 
 def guard_out_dir(out: Path, job_dir: Path) -> None:

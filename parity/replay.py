@@ -38,6 +38,26 @@ class ReplayOptions:
     kernel_profile: str = "torch"
 
 
+@dataclass(frozen=True)
+class Knobs:
+    """Replay choices beyond the plan item's own values. The defaults are ai-toolkit's preview behaviour; each
+    field is a named knob that diagnosis flips one at a time (item values such as seed or steps are flipped by
+    replacing fields of the ReplayItem instead)."""
+
+    prompt_template_passes: int = 2  # ai-toolkit templates the prompt twice
+    negative_template_passes: int = 2  # ... and the negative twice
+    empty_negative_template_passes: int | None = None  # ai-toolkit-inference templates an empty negative once
+    te_quantized: bool | None = None  # None: as the job did (model.quantize_te)
+    lora: bool = True  # False: the base model alone
+    merge_mode: str = "aitoolkit"  # "aitoolkit": fp32 sum; "server": file-dtype B@A added in bf16, always merged
+    output_size: str = "requested"  # "generation": return the floor-16 image, not resized back (servers)
+
+    def changed(self) -> dict:
+        """The knobs that differ from ai-toolkit's defaults."""
+        default = Knobs()
+        return {k: v for k, v in self.__dict__.items() if getattr(default, k) != v}
+
+
 @dataclass
 class Replay:
     """One finished replay."""
@@ -80,6 +100,7 @@ class Replayer:
         self._digests: dict[Path, str] = {}
         self._state: tuple | None = None
         self._base_fingerprint: str | None = None
+        self._mllm_variants: dict[bool, object] | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
     def base_model_path(self) -> str:
@@ -160,19 +181,23 @@ class Replayer:
             history.append((path, float(members[0].network_multiplier or 1.0)))
         return history, missing
 
-    def _apply(self, item: ReplayItem) -> tuple[str, list[str], str | None, list]:
+    def _apply(self, item: ReplayItem, knobs: Knobs) -> tuple[str, list[str], str | None, list]:
         """Put the transformer in ``item``'s state; returns (weights text, residuals, lora problem, key parts)."""
         from pipelines.omnigen2.lora import match_lora
 
         self.load()
         patcher = self._patcher
-        path = self.lora_path(item.step, item.checkpoint) if item.weights != "base" else None
+        use_lora = item.weights != "base" and knobs.lora
+        path = self.lora_path(item.step, item.checkpoint) if use_lora else None
         multiplier = float(item.network_multiplier if item.network_multiplier is not None else 1.0)
-        merged = bool(item.lora_merged) and not self.plan.quantize
+        server = knobs.merge_mode == "server"
+        merged = (bool(item.lora_merged) and not self.plan.quantize) or server
         history, missing = ([], [])
         if path is not None and merged and self.options.reproduce_drift:
             history, missing = self.merge_history(item)
-        state = (str(path), merged, multiplier, tuple(history))
+        if server:
+            history, missing = [], []
+        state = (str(path), merged, multiplier, tuple(history), knobs.merge_mode)
         residuals: list[str] = []
         problem = None
         if path is None:
@@ -202,7 +227,9 @@ class Replayer:
                 patcher.replay_merge_history([(self.read_lora(hpath), hm)])
             if path is not None:
                 lora = self.read_lora(path)
-                if merged:
+                if server:
+                    patcher.merge_like_server(lora, multiplier)
+                elif merged:
                     patcher.merge(lora, multiplier)
                 else:
                     patcher.attach(lora, multiplier)
@@ -212,6 +239,7 @@ class Replayer:
             merged,
             multiplier,
             [(self._digests[p], m) for p, m in history],
+            knobs.merge_mode,
         ]
         return weights, residuals, problem, key_parts
 
@@ -258,7 +286,7 @@ class Replayer:
         return noise.draw_initial_noise(int(item.seed), shape, algorithm, dtype=getattr(torch, self.dtype_name))
 
     # -- replay --------------------------------------------------------------------------------------------
-    def request(self, item: ReplayItem, algorithm: str):
+    def request(self, item: ReplayItem, algorithm: str, knobs: Knobs = Knobs()):
         from PIL import Image
 
         from pipelines.omnigen2.pipeline import ReplayRequest
@@ -266,9 +294,15 @@ class Replayer:
         refs = ()
         if item.ctrl_img:
             refs = (Image.open(item.ctrl_img),)
+        negative = item.negative_prompt or ""
+        negative_passes = knobs.negative_template_passes
+        if negative == "" and knobs.empty_negative_template_passes is not None:
+            negative_passes = knobs.empty_negative_template_passes
         return ReplayRequest(
             prompt=item.prompt,
-            negative_prompt=item.negative_prompt or "",
+            negative_prompt=negative,
+            chat_template_passes=knobs.prompt_template_passes,
+            negative_chat_template_passes=negative_passes,
             seed=int(item.seed),
             width=int(item.width),
             height=int(item.height),
@@ -278,7 +312,7 @@ class Replayer:
             noise_algorithm=algorithm,
         )
 
-    def cache_key(self, item: ReplayItem, algorithm: str, key_parts: list) -> str:
+    def cache_key(self, item: ReplayItem, algorithm: str, key_parts: list, knobs: Knobs = Knobs()) -> str:
         from pipelines.omnigen2 import kernels
         from pipelines.omnigen2.cpu_profile import active_cpu_profile
 
@@ -296,26 +330,59 @@ class Replayer:
             "kernels": kernels.kernel_profile(),
             "cpu": active_cpu_profile() if self.options.device == "cpu" else None,
             "quantize": [self.plan.quantize, self.plan.qtype, self.plan.quantize_te, self.plan.qtype_te],
+            "knobs": knobs.changed(),
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
-    def prepare(self, item: ReplayItem, algorithm: str | None = None) -> tuple[str, dict]:
+    def prepare(self, item: ReplayItem, algorithm: str | None = None, knobs: Knobs = Knobs()) -> tuple[str, dict]:
         """Apply ``item``'s weights and return its cache key and what the replay ran with (no pixels yet)."""
         algorithm = algorithm or self.noise_algorithm
-        weights, residuals, problem, parts = self._apply(item)
+        weights, residuals, problem, parts = self._apply(item, knobs)
         info = {"weights": weights, "residuals": residuals, "lora_problem": problem, "noise": algorithm}
-        return self.cache_key(item, algorithm, parts), info
+        return self.cache_key(item, algorithm, parts, knobs), info
 
-    def replay(self, item: ReplayItem, algorithm: str | None = None) -> Replay:
-        """Replay ``item`` (which must be replayable) and return its pixels."""
+    def replay(self, item: ReplayItem, algorithm: str | None = None, knobs: Knobs = Knobs()) -> Replay:
+        """Replay ``item`` (which must be replayable) with ``knobs`` and return its pixels."""
         if not item.replayable:
             raise ValueError(f"{item.file} is not replayable: {item.reason}")
         algorithm = algorithm or self.noise_algorithm
         if algorithm == "auto":
             raise ValueError("choose the noise algorithm first (choose_noise_algorithm)")
-        key, info = self.prepare(item, algorithm)
-        output = self.pipeline(self.request(item, algorithm))
-        return Replay(output.pixels, key, info["weights"], info["residuals"], info["lora_problem"])
+        key, info = self.prepare(item, algorithm, knobs)
+        self._select_text_encoder(knobs)
+        output = self.pipeline(self.request(item, algorithm, knobs))
+        pixels = output.pixels
+        if knobs.output_size == "generation" and output.generation_size != (item.width, item.height):
+            pixels = generation_size_output(self.pipeline, output)
+        return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"])
+
+    def _select_text_encoder(self, knobs: Knobs) -> None:
+        """Swap in a quantised (or plain) text encoder when the knob asks for the other one."""
+        want = self.plan.quantize_te if knobs.te_quantized is None else knobs.te_quantized
+        components = self.pipeline.c
+        if self._mllm_variants is None:
+            self._mllm_variants = {self.plan.quantize_te: components.mllm}
+        if want not in self._mllm_variants:
+            import torch
+
+            from pipelines.omnigen2.loading import load_mllm
+
+            fresh = load_mllm(components.root, getattr(torch, self.dtype_name), components.device)
+            if want:
+                quantize_module(fresh, self.plan.qtype_te or "qfloat8", "text encoder")
+            self._mllm_variants[want] = fresh
+        components.mllm = self._mllm_variants[want]
+
+
+def generation_size_output(pipe, output) -> np.ndarray:
+    """The image a server returns: decoded at the generation size, not resized back to the request."""
+    import torch
+
+    from pipelines.omnigen2 import quirks
+
+    w, h = output.generation_size
+    with torch.no_grad():
+        return quirks.decode_to_pixels(pipe.c.vae, output.final_latents, w, h)
 
 
 def model_fingerprint(root: Path) -> str:

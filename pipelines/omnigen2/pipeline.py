@@ -48,6 +48,7 @@ class ReplayOutput:
     initial_latents: torch.Tensor
     cond: TextEncoding
     uncond: TextEncoding | None
+    final_latents: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -131,4 +132,4 @@ class OmniGen2Pipeline:
 
         # 8. decode and resize back to the requested size
         pixels = quirks.decode_to_pixels(c.vae, latents, r.width, r.height)
-        return ReplayOutput(pixels, (gen_w, gen_h), initial, cond, uncond)
+        return ReplayOutput(pixels, (gen_w, gen_h), initial, cond, uncond, final_latents=latents)

@@ -1,0 +1,292 @@
+"""Name the cause of a mismatch by experiment: flip one knob at a time and see what restores agreement.
+
+For a preview whose replay does not pass, ``bisect`` replays it with one preview-relevant choice changed at a
+time (cheapest and likeliest first: the preview file's own size, the LoRA, the chat template, the checkpoint,
+the multiplier, the trigger word, the negative, the seed, guidance, steps, the noise draw, text-encoder
+quantisation, the merge precision), stops once a flip makes it pass, and ranks the flips that helped by how much
+agreement they restored. The LoRA's own effect (on vs off) is always measured and said plainly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from parity.jobfolder import JobFolder
+from parity.plan import ReplayItem, ReplayPlan, generation_size
+from parity.replay import NOISE_CANDIDATES, Knobs, Replayer
+from parity.results import Cause
+from parity.scores import Thresholds, load_rgb, score_replay
+
+GUIDANCE_VALUES = (1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 7.5, 8.0)
+STEP_VALUES = (20, 25, 28, 30, 50)
+
+
+@dataclass
+class Flip:
+    """One knob changed from what the replay used."""
+
+    knob: str  # the cause code it would confirm
+    label: str  # "seed 42 instead of 43"
+    item: ReplayItem
+    knobs: Knobs = field(default_factory=Knobs)
+    algorithm: str | None = None
+    title: str = ""
+    fix: str = ""
+
+
+@dataclass
+class FlipResult:
+    flip: Flip
+    ssim: float
+    psnr_db: float
+    exact: bool
+
+
+def replace(item: ReplayItem, **changes) -> ReplayItem:
+    """A copy of ``item`` with ``changes``; a new size recomputes the generation size."""
+    if "width" in changes or "height" in changes:
+        w, h = changes.get("width", item.width), changes.get("height", item.height)
+        changes["gen_width"], changes["gen_height"] = generation_size(w, h)
+    return dataclasses.replace(item, **changes)
+
+
+def trigger_candidates(job: JobFolder, plan: ReplayPlan) -> list[str]:
+    """Trigger words the LoRA was trained with, from its metadata (``ss_tag_frequency`` folder names)."""
+    words = []
+    for checkpoint in job.checkpoints:
+        try:
+            tags = json.loads(checkpoint.metadata.get("ss_tag_frequency", "{}"))
+        except json.JSONDecodeError:
+            continue
+        for folder in tags:
+            word = folder.split("_", 1)[-1]
+            if word and word not in words:
+                words.append(word)
+    return words
+
+
+def candidate_flips(plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_size: tuple[int, int],
+                    algorithm: str) -> list[Flip]:
+    """Every single-knob change worth trying for ``item``, cheapest and likeliest first."""
+    flips: list[Flip] = []
+    others = [i for i in plan.items if i is not item]
+    # 1. The preview file's own size: a config edited after training replays at the wrong size.
+    if preview_size != (item.width, item.height):
+        w, h = preview_size
+        flips.append(Flip("size_changed", f"size {w}x{h} (the preview file's) instead of {item.width}x{item.height}",
+                          replace(item, width=w, height=h),
+                          title=f"the config's size {item.width}x{item.height} is not the preview's {w}x{h}",
+                          fix="Restore the sample size the previews were made with (the preview files show it)."))
+    # 2. The LoRA's effect and the chat template.
+    if item.weights != "base":
+        flips.append(Flip("lora_off", "without the LoRA", item, Knobs(lora=False),
+                          title="the preview matches the base model without the LoRA",
+                          fix="The LoRA had no visible effect when the preview was made; check training, not inference."))
+    flips.append(Flip("negative_template_once", "negative templated once", item, Knobs(negative_template_passes=1),
+                      title="the negative prompt was templated once, not twice",
+                      fix="Apply OmniGen2's chat template to the negative prompt twice, as ai-toolkit does."))
+    flips.append(Flip("prompt_template_once", "prompt templated once", item, Knobs(prompt_template_passes=1),
+                      title="the prompt was templated once, not twice",
+                      fix="Apply OmniGen2's chat template twice (the wrapper and encode_prompt both apply it)."))
+    # 3. Which checkpoint.
+    for checkpoint in job.checkpoints:
+        if checkpoint.file != item.checkpoint and item.weights != "base":
+            flips.append(Flip("checkpoint_mismatch", f"checkpoint {checkpoint.file} instead of {item.checkpoint}",
+                              replace(item, checkpoint=checkpoint.file, weights="checkpoint"),
+                              title=f"the preview was made with other weights than {item.checkpoint}",
+                              fix="Pair each preview with the checkpoint of its step (step N <-> <name>_N)."))
+    # 4. Multiplier.
+    for m in (1.0, 0.5, 1.5, 0.75, 1.25, 2.0, 0.0):
+        if item.weights != "base" and item.network_multiplier is not None and m != item.network_multiplier:
+            flips.append(Flip("multiplier_changed", f"multiplier {m:g} instead of {item.network_multiplier:g}",
+                              replace(item, network_multiplier=m),
+                              title=f"the preview used LoRA multiplier {m:g}",
+                              fix="Use the network_multiplier the previews were made with."))
+    # 5. Trigger word.
+    for word in trigger_candidates(job, plan):
+        if plan.trigger_word and plan.trigger_word in (item.prompt or "") and word != plan.trigger_word:
+            flips.append(Flip("trigger_word_changed", f"trigger word {word!r} instead of {plan.trigger_word!r}",
+                              replace(item, prompt=item.prompt.replace(plan.trigger_word, word)),
+                              title=f"the preview's prompt had the trigger word {word!r}",
+                              fix=f"Use the trigger word the LoRA was trained with ({word!r})."))
+    # 6. Negative prompt.
+    negatives = {""} | {o.negative_prompt for o in others if isinstance(o.negative_prompt, str)}
+    for negative in sorted(negatives - {item.negative_prompt}):
+        flips.append(Flip("negative_changed", f"negative {negative!r} instead of {item.negative_prompt!r}",
+                          replace(item, negative_prompt=negative),
+                          title=f"the preview used the negative prompt {negative!r}",
+                          fix="Use the negative prompt the previews were made with."))
+    # 7. Seed: walk_seed toggled (the prompt index added or taken away), neighbours, common defaults.
+    if item.seed is not None and item.prompt_index > 0:
+        walked = item.seed - item.prompt_index if job.sample.walk_seed else item.seed + item.prompt_index
+        if walked >= 0:
+            flips.append(Flip("walk_seed_changed",
+                              f"seed {walked} (walk_seed {'off' if job.sample.walk_seed else 'on'})",
+                              replace(item, seed=walked),
+                              title=f"walk_seed was {'off' if job.sample.walk_seed else 'on'} when the previews were made",
+                              fix="Restore sample.walk_seed: with it each prompt's seed is the section seed + its index."))
+    seeds: list[int] = []
+    n = len({o.prompt_index for o in plan.items}) + 1
+    if item.seed is not None:
+        seeds += [item.seed + k for k in range(-n, n + 1) if k]
+    seeds += [42 + item.prompt_index, 42, 0, item.prompt_index] + [o.seed for o in others if o.seed is not None]
+    for seed in dict.fromkeys(s for s in seeds if s is not None and s >= 0 and s != item.seed):
+        flips.append(Flip("seed_changed", f"seed {seed} instead of {item.seed}", replace(item, seed=seed),
+                          title=f"the preview was made with seed {seed}",
+                          fix="Use the seed the previews were made with (walk_seed adds the prompt index)."))
+    # 8. Guidance and steps.
+    for g in GUIDANCE_VALUES + tuple(item.guidance_scale + d for d in (-1, -0.5, 0.5, 1)):
+        if item.guidance_scale is not None and g > 0 and abs(g - item.guidance_scale) > 1e-9:
+            flips.append(Flip("guidance_changed", f"guidance {g:g} instead of {item.guidance_scale:g}",
+                              replace(item, guidance_scale=float(g)),
+                              title=f"the preview used guidance {g:g}",
+                              fix="Use the guidance_scale the previews were made with."))
+    steps = [item.num_inference_steps + d for d in (-1, 1, -2, 2, -3, 3, 4, 6)] + list(STEP_VALUES)
+    for s in dict.fromkeys(steps):
+        if s >= 1 and s != item.num_inference_steps:
+            flips.append(Flip("steps_changed", f"{s} steps instead of {item.num_inference_steps}",
+                              replace(item, num_inference_steps=s),
+                              title=f"the preview used {s} sampling steps",
+                              fix="Use the sample_steps the previews were made with."))
+    # 9. The noise draw, text-encoder quantisation, merge precision.
+    for name in NOISE_CANDIDATES:
+        if name != algorithm:
+            flips.append(Flip("noise_algorithm", f"noise {name} instead of {algorithm}", item, algorithm=name,
+                              title=f"the initial noise was drawn like {name}",
+                              fix="Replay with the torch version's CPU bf16 draw that made the previews (--noise)."))
+    flips.append(Flip("te_quantization_mismatch",
+                      f"text encoder {'unquantised' if plan.quantize_te else 'qfloat8'} instead of as configured",
+                      item, Knobs(te_quantized=not plan.quantize_te),
+                      title="the previews' text encoder quantisation differs from the config's quantize_te",
+                      fix="Match model.quantize_te to how the previews were made."))
+    if item.weights != "base":
+        flips.append(Flip("merge_precision", "LoRA fused in bf16 from the file dtype", item, Knobs(merge_mode="server"),
+                          title="the LoRA was merged in the model dtype, not as an fp32 sum",
+                          fix="Merge as W = bf16(fp32(W) + m * B@A)."))
+    return flips
+
+
+def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_path: Path,
+           baseline_ssim: float, thresholds: Thresholds, budget: int = 80, stop_at: str = "EXACT",
+           progress: Callable[[str], None] | None = None) -> tuple[list[Cause], list[FlipResult]]:
+    """Flip knobs one at a time for a preview that does not match; returns ranked causes and every result.
+
+    ``stop_at`` is the verdict that counts as explained: EXACT where this machine reproduces the step-0
+    previews bit for bit, PASS where it does not (another GPU, other kernels).
+    """
+    preview = load_rgb(preview_path)
+    size = (preview.shape[1], preview.shape[0])
+    flips = candidate_flips(plan, job, item, size, replayer.noise_algorithm)[:budget]
+    results: list[FlipResult] = []
+    lora_effect = None
+    for flip in flips:
+        if progress:
+            progress(flip.label)
+        try:
+            pixels = replayer.replay(flip.item, flip.algorithm, flip.knobs).pixels
+        except Exception:  # a flip that cannot run (e.g. no quantisation package) is simply not evidence
+            continue
+        score = score_replay(preview_path, pixels, thresholds)
+        result = FlipResult(flip, score.metrics.ssim, score.metrics.psnr_db, score.verdict.value == "EXACT")
+        results.append(result)
+        if flip.knob == "lora_off":
+            lora_effect = result
+        if score.verdict.value == "EXACT" or (stop_at == "PASS" and score.verdict.value == "PASS"):
+            break
+    causes = rank_causes(results, baseline_ssim, thresholds)
+    if lora_effect is not None:
+        causes.append(lora_effect_cause(lora_effect, baseline_ssim, item))
+    return causes, results
+
+
+def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thresholds) -> list[Cause]:
+    """Flips that restored agreement, best first, as causes with their evidence."""
+    helped = [r for r in results if (r.exact or r.ssim > baseline_ssim + 0.005) and r.flip.knob != "lora_off"]
+    helped.sort(key=lambda r: (-r.exact, -r.ssim))
+    causes = []
+    seen = set()
+    for rank, r in enumerate(helped):
+        if r.flip.knob in seen:
+            continue
+        seen.add(r.flip.knob)
+        explained = r.exact or r.ssim >= thresholds.pass_min_ssim
+        causes.append(Cause(
+            r.flip.knob, "error" if explained else "warning", r.flip.title,
+            f"with {r.flip.label} SSIM rises from {baseline_ssim:.2f} to {r.ssim:.2f}"
+            + (" (identical pixels)" if r.exact else "") + ("" if explained else "; only a partial explanation"),
+            r.flip.fix,
+            {"flip": r.flip.label, "ssim_before": round(baseline_ssim, 4), "ssim_after": round(r.ssim, 4),
+             "exact": r.exact, "rank": rank + 1},
+        ))
+    return causes
+
+
+def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem) -> Cause:
+    """Say plainly what the LoRA does to this preview: LoRA on vs off, both against the preview."""
+    off = result.ssim
+    if off > baseline_ssim + 0.02:
+        title = "the preview is closer to the base model WITHOUT the LoRA"
+        severity = "error"
+    elif abs(off - baseline_ssim) <= 0.02:
+        title = "LoRA on and off give the same agreement: the LoRA barely changes this preview"
+        severity = "warning"
+    else:
+        title = "the LoRA's effect is visible: the preview is closer to the replay with it"
+        severity = "info"
+    return Cause(
+        "lora_effect", severity, title,
+        f"against the preview, SSIM with the LoRA {baseline_ssim:.2f}, without it {off:.2f}",
+        "If the LoRA has no effect, check that its keys load and that training moved it (parity lora FILE).",
+        {"ssim_lora_on": round(baseline_ssim, 4), "ssim_lora_off": round(off, 4), "step": item.step},
+    )
+
+
+def finding_causes(score) -> list[Cause]:
+    """Causes read from the scoring itself: a preview file re-encoded or resized after ai-toolkit saved it."""
+    causes = []
+    for finding in score.findings:
+        if finding.code == "not_aitoolkit_default":
+            causes.append(Cause(
+                "preview_reencoded", "warning", "the preview file is not as ai-toolkit saved it",
+                finding.message + ". A preview re-saved after training carries a second compression.",
+                "Compare against the original preview files from the job folder.",
+                dict(finding.data),
+            ))
+        elif finding.code == "size_mismatch":
+            causes.append(Cause(
+                "preview_resized", "warning", "the preview file's size is not the size it was generated at",
+                finding.message, "Compare against the original preview files, or restore the config's size.",
+                dict(finding.data),
+            ))
+    return causes
+
+
+def noise_floor(items) -> tuple[float, float] | None:
+    """The step-0 (base-only) drift of this machine: (lowest SSIM, highest mean abs diff); None without step 0."""
+    base = [i for i in items if i.step == 0 and i.score is not None]
+    if not base:
+        return None
+    return min(i.score.metrics.ssim for i in base), max(i.score.metrics.mean_abs_diff for i in base)
+
+
+def floor_cause(item, floor: tuple[float, float]) -> Cause | None:
+    """A later preview that drifts no more than the step-0 previews: hardware and kernels, not the LoRA."""
+    ssim_floor, mad_floor = floor
+    metrics = item.score.metrics
+    if item.step == 0 or item.score.verdict.value == "EXACT" or ssim_floor >= 1.0:
+        return None
+    if metrics.ssim >= ssim_floor - 0.005:
+        return Cause(
+            "within_noise_floor", "info",
+            f"step {item.step} drifts no more than step 0: hardware, not the LoRA",
+            f"SSIM {metrics.ssim:.3f} against a step-0 floor of {ssim_floor:.3f} (base model only): this machine's "
+            "kernels differ from the trainer's by as much on their own.",
+            "Nothing to fix in the LoRA; replay on the trainer's kind of machine for bit-exactness.",
+            {"ssim": round(metrics.ssim, 4), "floor_ssim": round(ssim_floor, 4), "floor_mad": round(mad_floor, 3)},
+        )
+    return None
+
