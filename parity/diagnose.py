@@ -197,13 +197,14 @@ def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayIte
             lora_effect = result
         if score.verdict.value == "EXACT" or (stop_at == "PASS" and score.verdict.value == "PASS"):
             break
-    causes = rank_causes(results, baseline_ssim, thresholds)
+    causes = rank_causes(results, baseline_ssim, thresholds, stop_at)
     if lora_effect is not None:
         causes.append(lora_effect_cause(lora_effect, baseline_ssim, item))
     return causes, results
 
 
-def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thresholds) -> list[Cause]:
+def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thresholds,
+                stop_at: str = "EXACT") -> list[Cause]:
     """Flips that restored agreement, best first, as causes with their evidence."""
     helped = [r for r in results if (r.exact or r.ssim > baseline_ssim + 0.005) and r.flip.knob != "lora_off"]
     helped.sort(key=lambda r: (-r.exact, -r.ssim))
@@ -213,7 +214,7 @@ def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thr
         if r.flip.knob in seen:
             continue
         seen.add(r.flip.knob)
-        explained = r.exact or r.ssim >= thresholds.pass_min_ssim
+        explained = r.exact or (stop_at == "PASS" and r.ssim >= thresholds.pass_min_ssim)
         causes.append(Cause(
             r.flip.knob, "error" if explained else "warning", r.flip.title,
             f"with {r.flip.label} SSIM rises from {baseline_ssim:.2f} to {r.ssim:.2f}"
