@@ -1,10 +1,12 @@
-"""The ``parity`` command line: ``plan`` and ``check``.
+"""The ``parity`` command line: ``plan``, ``check``, ``lint`` and ``lora``.
 
-Exit codes: 0 pass, 1 parity failure (per ``--fail-on``), 2 usage or input error, 3 environment error.
+Exit codes: 0 pass, 1 parity failure (per ``--fail-on``; for ``lora``: the LoRA does not apply fully), 2 usage
+or input error, 3 environment error. ``lint`` exits 0 whatever it finds.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -264,6 +266,118 @@ def _print_summary(report, paths) -> None:
         console.print(escape(f"  [{summary.severity}] {summary.title}  ({summary.count} preview(s)) -> {summary.fix}"))
     console.print(f"report: {paths['html']}  json: {paths['json']}  junit: {paths['junit']}")
     console.print(f"exit code {report.exit_code} (--fail-on {report.fail_on})")
+
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+@app.command("lint")
+def lint_command(
+    job_dir: Annotated[Path, typer.Argument(help="ai-toolkit job folder.", show_default=False)],
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="Base model folder whose transformer the checkpoints must fit."),
+    ] = None,
+    assets: Annotated[Path | None, typer.Option(help="Folder searched by file name for reference images.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+) -> None:
+    """Known causes of preview/inference mismatch read from the config, file names and weights (no replay).
+
+    Exit 0 whatever is found (findings are not failures); 2 for a job folder or base model that cannot be read.
+    """
+    from parity.lint import lint
+
+    report = lint(job_dir, base_model, assets)
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"parity lint: {report.job_name}", title_justify="left")
+    for column in ("severity", "code", "finding", "fix"):
+        table.add_column(column, overflow="fold")
+    for finding in report.findings:
+        cause = finding.cause
+        where = f" ({_previews_text(finding.previews)})" if finding.previews else ""
+        table.add_row(f"[{SEVERITY_STYLE[cause.severity]}]{cause.severity}[/]", cause.code,
+                      escape(cause.title + where), escape(cause.fix))
+    console.print(table)
+    counts = ", ".join(f"{n} {s}" for s, n in report.counts.items() if n) or "nothing found"
+    checked = f"; LoRA keys matched against {report.lora_checked_against}" if report.lora_checked_against else ""
+    console.print(f"{counts} ({report.rules_checked} rules){checked}", highlight=False, soft_wrap=True)
+
+
+def _previews_text(previews: tuple[str, ...]) -> str:
+    shown = ", ".join(previews[:3])
+    return f"{len(previews)} previews: {shown}, ..." if len(previews) > 3 else shown
+
+
+@app.command("lora")
+def lora_command(
+    file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.", show_default=False)],
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="Base model folder: match against its transformer (default: real OmniGen2)."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    top: Annotated[int, typer.Option(help="Modules shown in the norm table, largest first (0: all).")] = 20,
+) -> None:
+    """Format, ranks, dtypes, scale, metadata, matched/unmatched keys and per-module norms of a LoRA.
+
+    Exit 0 when every key applies; 1 when the LoRA applies to 0 layers or only partly (unmatched names are
+    listed); 2 for a file that is missing, not safetensors, a pickle or corrupt; 3 for a base model not found.
+    """
+    from parity.lora_report import inspect_lora
+
+    report = inspect_lora(file, base_model)
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        _print_lora(report, top)
+    raise typer.Exit(0 if report.applies else 1)
+
+
+def _print_lora(report, top: int) -> None:
+    meta = report.metadata
+    ranks = ", ".join(f"{r} ({n} modules)" if len(report.ranks) > 1 else str(r) for r, n in report.ranks.items())
+    lines = [
+        f"[bold]{escape(report.file)}[/]",
+        f"format      {report.format}: {report.module_count} modules, {report.tensor_count} tensors",
+        f"rank        {ranks or '-'}",
+        f"dtype       {', '.join(report.dtypes)}",
+        f"scale       {report.scale_convention}",
+        f"step        {_cell(meta.training_step)} (epoch {_cell(meta.epoch)}, from training_info)",
+        f"base model  {_cell(meta.base_model_version)} (ss_base_model_version)",
+        f"software    {_cell(meta.software)} {_cell(meta.software_version)}",
+        f"name        {_cell(meta.name)} version {_cell(meta.version)} (output {_cell(meta.output_name)})",
+        f"checked     against {escape(report.checked_against)}: {report.layer_count} Linear layers, "
+        f"{report.default_target_count} of them ai-toolkit's default targets",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    if report.applies:
+        console.print(f"keys        [green]all {report.module_count} modules matched[/] "
+                      f"({report.tensor_count} tensors)", highlight=False)
+    else:
+        console.print(f"keys        [bold red]{report.problem}[/]", highlight=False, soft_wrap=True)
+        for label, names in (("unmatched", report.unmatched), ("shape mismatch", report.shape_mismatches),
+                             ("unrecognised key", report.unparsed_keys), ("unpaired", report.unpaired_keys)):
+            for name in names:
+                console.print(f"  {label}: {escape(name)}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if not report.norms:
+        return
+    shown = report.norms if top <= 0 else report.norms[:top]
+    table = Table(title=f"per-module norms, largest ||B@A|| first ({len(shown)} of {len(report.norms)})",
+                  title_justify="left")
+    for column in ("module", "rank", "||B@A||_F", "||A||_F", "||B||_F"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    with_scale = any(n.scale != 1.0 for n in report.norms)
+    if with_scale:
+        table.add_column("scale", justify="right")
+    for n in shown:
+        row = [n.module, str(n.rank), f"{n.delta_norm:.4g}", f"{n.down_norm:.4g}", f"{n.up_norm:.4g}"]
+        table.add_row(*row, *([f"{n.scale:g}"] if with_scale else []))
+    console.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,1095 @@
+"""Lint: every known cause of a preview/inference mismatch that can be read without a replay.
+
+One registry (:data:`RULES`) holds every rule. A rule reads the replay plan and, where it needs them, the job
+folder, the preview files and the LoRA checkpoints, and returns a :class:`Finding` (a one-line text and its
+evidence) or None; :meth:`Rule.cause` turns a finding into a :class:`parity.results.Cause`. Sources: FACTS §3 (how
+ai-toolkit makes a preview), §6 (where the ai-toolkit-inference server departs, ``ir_*`` rules, all
+informational), §7 (causes users hit).
+
+``scope`` says how often a rule runs: ``"job"`` once per job folder (``item`` is None), ``"preview"`` once per
+preview. Rules marked ``in_check`` read the plan and the item only; ``parity check`` attaches them to every
+preview through :func:`item_causes`. ``parity lint`` runs them all (:func:`lint`) and merges identical preview
+findings into one line that lists the previews.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parity.jobfolder import TRAINER_TYPES, JobFolder, SampleItem, SampleSection, load_config, read_job_folder
+from parity.plan import (
+    PromptSettings,
+    ReplayItem,
+    ReplayPlan,
+    build_plan,
+    replace_trigger,
+    requested_size,
+    round_prompt_settings,
+    round_seeds,
+    split_prompt_flags,
+)
+from parity.results import SEVERITIES, Cause
+
+SCOPES = ("job", "preview")
+BARELY_CHANGES_SSIM = 0.98  # first vs last preview of a prompt above this: the LoRA hardly changed anything
+# ai-toolkit-inference's defaults for a request that leaves them out (FACTS §6)
+IR_STEPS, IR_CFG, IR_SIZE, IR_FIRST_SEED, IR_JPEG_QUALITY = 25, 4.0, 1024, 42, 95
+PREVIEW_JPEG_QUALITY = 75  # ai-toolkit's image.save(path): Pillow's default
+_QUOTES = ("'", '"')
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a rule found: the one-line text, the facts it was read from, and a severity when not the rule's."""
+
+    text: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    severity: str | None = None
+
+
+Applies = Callable[[ReplayPlan, "ReplayItem | None", "LintContext"], "Finding | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named known cause: when it applies, how bad it is, why it matters and what to do."""
+
+    code: str
+    severity: str  # info, warning or error
+    scope: str  # job or preview
+    explanation: str
+    fix: str
+    applies: Applies
+    in_check: bool = False  # reported by `parity check` for each preview too
+
+    def cause(self, finding: Finding) -> Cause:
+        return Cause(
+            self.code,
+            finding.severity or self.severity,
+            finding.text,
+            self.explanation,
+            self.fix,
+            dict(finding.evidence),
+        )
+
+
+RULES: list[Rule] = []
+
+
+def rule(code: str, severity: str, scope: str, explanation: str, fix: str, in_check: bool = False):
+    """Register the decorated ``applies(plan, item, ctx)`` as a rule."""
+    if severity not in SEVERITIES or scope not in SCOPES:
+        raise ValueError(f"rule {code}: bad severity {severity!r} or scope {scope!r}")
+
+    def register(applies: Applies) -> Applies:
+        if any(r.code == code for r in RULES):
+            raise ValueError(f"rule {code} registered twice")
+        RULES.append(Rule(code, severity, scope, " ".join(explanation.split()), fix, applies, in_check))
+        return applies
+
+    return register
+
+
+def get_rule(code: str) -> Rule:
+    return next(r for r in RULES if r.code == code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what rules read besides the plan, read once per lint run
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """One prompt of a sampling section as ai-toolkit builds it (FACTS §2)."""
+
+    round: str  # "sample" or "first_sample"
+    index: int
+    raw: str  # as the config gives it
+    item: SampleItem  # samples[index], section values filled in
+    settings: PromptSettings  # after [trigger], flags and seed rules, before the floor-to-8
+    flags: tuple[tuple[str, str], ...]  # every `--flag content` piece, known or not
+    seed_from: str  # where the seed came from: section, walk, item, carried, flag
+
+    @property
+    def label(self) -> str:
+        return f"{self.round} prompt {self.index}"
+
+
+@dataclass
+class LintContext:
+    """The job folder and lazily read files (previews, LoRAs, the transformer's module tree)."""
+
+    job: JobFolder | None = None
+    base_model: str | None = None
+    _prompts: list[PromptInfo] | None = None
+    _raw_process: dict[str, Any] | None = None
+    _images: dict[str, Any] = field(default_factory=dict)
+    _loras: dict[str, Any] = field(default_factory=dict)
+    _skeleton: Any = None
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.job.path / "samples"
+
+    def prompts(self) -> list[PromptInfo]:
+        if self._prompts is None:
+            self._prompts = []
+            for kind, section in (("sample", self.job.sample), ("first_sample", self.job.first_sample)):
+                if section is not None:
+                    self._prompts += _section_prompts(self.job, section, kind)
+        return self._prompts
+
+    def raw_sample_items(self, kind: str) -> list[dict[str, Any]]:
+        """``samples:`` of the sampling section exactly as the config has them (ctrl_img_2/3 are not parsed)."""
+        if self._raw_process is None:
+            _, raw = load_config(self.job.path)
+            processes = raw["config"].get("process") or []
+            self._raw_process = next(
+                p for p in processes if isinstance(p, dict) and p.get("type") in TRAINER_TYPES
+            )
+        items = (self._raw_process.get(kind) or {}).get("samples") or []
+        return [item if isinstance(item, dict) else {} for item in items]
+
+    def image(self, file: str):
+        """A preview (or reference image) as ``(width, height, rgb loader)``, or the error text if unreadable."""
+        if file not in self._images:
+            from PIL import Image
+
+            path = Path(file) if Path(file).is_absolute() else self.samples_dir / file
+            try:
+                with Image.open(path) as im:
+                    self._images[file] = im.size
+            except (OSError, SyntaxError) as exc:
+                self._images[file] = str(exc)
+        return self._images[file]
+
+    def lora(self, file: str):
+        """(LoraFile, KeyReport) for a checkpoint of the job folder, or the error text if unreadable."""
+        if file not in self._loras:
+            from parity.lora_report import match_against
+
+            skeleton = self.skeleton()
+            try:
+                self._loras[file] = match_against(self.job.path / file, skeleton)
+            except Exception as exc:  # any unreadable file is a finding, not a crash of the lint
+                self._loras[file] = getattr(exc, "problem", None) or str(exc)
+        return self._loras[file]
+
+    @property
+    def checked_against(self) -> str | None:
+        """The transformer the checkpoints were matched with, once a rule needed it."""
+        return self._skeleton[1] if self._skeleton is not None else None
+
+    def skeleton(self):
+        """(meta-device transformer, what it is) for matching LoRA keys and shapes."""
+        if self._skeleton is None:
+            from parity.lora_report import transformer_skeleton
+
+            base = self.base_model or _local_base_model(self.job)
+            self._skeleton = transformer_skeleton(base)
+        return self._skeleton
+
+
+def _local_base_model(job: JobFolder) -> str | None:
+    """The config's base model when it exists on this machine (a folder with a transformer config)."""
+    path = job.model.name_or_path
+    if path and (Path(path).expanduser() / "transformer" / "config.json").is_file():
+        return path
+    return None
+
+
+def _section_prompts(job: JobFolder, section: SampleSection, kind: str) -> list[PromptInfo]:
+    settings = round_prompt_settings(section, job.trigger_word, job.config_file, kind)
+    seeds = round_seeds(section)
+    infos = []
+    for i, raw in enumerate(section.prompts):
+        _, flags = split_prompt_flags(replace_trigger(raw, job.trigger_word))
+        item = section.samples[i]
+        if any(flag in ("d", "seed") for flag, _ in flags):
+            seed_from = "flag"
+        elif item.seed is not None:
+            seed_from = "item"
+        elif section.walk_seed:
+            seed_from = "walk"
+        else:
+            seed_from = "section" if seeds[i] == section.seed else "carried"
+        infos.append(PromptInfo(kind, i, raw, item, settings[i], tuple(flags), seed_from))
+    return infos
+
+
+def _labels(prompts: list[PromptInfo]) -> str:
+    """Prompt labels for a finding: "sample prompts 1, 2" for one round, else each label."""
+    rounds = {p.round for p in prompts}
+    if len(rounds) == 1:
+        word = "prompt" if len(prompts) == 1 else "prompts"
+        return f"{prompts[0].round} {word} " + ", ".join(str(p.index) for p in prompts)
+    return ", ".join(p.label for p in prompts)
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# preview rules that `parity check` reports too (plan and item only)
+
+
+@rule(
+    "size_not_multiple_of_16", "info", "preview",
+    "OmniGen2 generates at a size floored to 16 and ai-toolkit resizes the result back (bilinear); "
+    "inference servers that floor to 16 return the smaller image instead.",
+    "Use sizes that are multiples of 16 in training samples, or resize inference output the same way.",
+    in_check=True,
+)  # fmt: skip
+def _size_not_multiple_of_16(plan, item, ctx):
+    w, h = item.width, item.height
+    if w and h and (w % 16 or h % 16):
+        return Finding(
+            f"{w}x{h} is not a multiple of 16: the preview was generated at {item.gen_width}x{item.gen_height}",
+            {"requested": [w, h], "generated": [item.gen_width, item.gen_height]},
+        )
+    return None
+
+
+@rule(
+    "above_1mp", "info", "preview",
+    "OmniGen2 caps the generated area at 1024*1024 pixels; the preview is an upscaled smaller image.",
+    "Compare at the generated size, or keep sample sizes at or below 1 MP.",
+    in_check=True,
+)  # fmt: skip
+def _above_1mp(plan, item, ctx):
+    w, h = item.width, item.height
+    if w and h and w * h > 1024 * 1024:
+        return Finding(
+            f"{w}x{h} is above 1 MP: the preview was generated at {item.gen_width}x{item.gen_height} and upscaled",
+            {"requested": [w, h], "generated": [item.gen_width, item.gen_height]},
+        )
+    return None
+
+
+@rule(
+    "seed_random", "warning", "preview",
+    "ai-toolkit draws a random seed for seed: -1 and does not save it, so the preview cannot be replayed.",
+    "Set a fixed seed in the sample section (walk_seed keeps prompts distinct).",
+    in_check=True,
+)  # fmt: skip
+def _seed_random(plan, item, ctx):
+    if item.seed is None and item.prompt is not None:
+        return Finding("seed -1: the preview used a random seed that was never recorded", {"seed": -1})
+    return None
+
+
+@rule(
+    "checkpoint_deleted", "warning", "preview",
+    "ai-toolkit keeps only save.max_step_saves_to_keep checkpoints; older ones are removed, so this preview's "
+    "weights are gone. Comparing it with another checkpoint would be a different model.",
+    "Raise save.max_step_saves_to_keep (0 keeps all) or compare against the final LoRA's previews.",
+    in_check=True,
+)  # fmt: skip
+def _checkpoint_deleted(plan, item, ctx):
+    if not item.replayable and "deleted" in item.reason:
+        return Finding(f"the checkpoint for step {item.step} was deleted", {"step": item.step})
+    return None
+
+
+@rule(
+    "quantized_text_encoder", "warning", "preview",
+    "model.quantize_te quantises Qwen2.5-VL during training and the previews were encoded with it; an "
+    "inference pipeline with a bf16 text encoder (ai-toolkit-inference never quantises it) conditions on "
+    "different embeddings.",
+    "Quantise the text encoder the same way at inference, or set quantize_te: false for training samples.",
+    in_check=True,
+)  # fmt: skip
+def _quantized_text_encoder(plan, item, ctx):
+    if plan.quantize_te:
+        return Finding(
+            f"the previews used a {plan.qtype_te}-quantised text encoder",
+            {"quantize_te": True, "qtype_te": plan.qtype_te},
+        )
+    return None
+
+
+@rule(
+    "quantized_base", "warning", "preview",
+    "With model.quantize ai-toolkit runs the LoRA as a side branch on a quantised base; a bf16 inference base "
+    "with a merged LoRA gives different pixels.",
+    "Replay or serve with the same quantisation, or train unquantised.",
+    in_check=True,
+)  # fmt: skip
+def _quantized_base(plan, item, ctx):
+    if plan.quantize and item.weights != "base":
+        return Finding(
+            f"the transformer was {plan.qtype}-quantised: the LoRA ran unmerged",
+            {"quantize": True, "qtype": plan.qtype},
+        )
+    return None
+
+
+@rule(
+    "lora_saved_fp16", "info", "preview",
+    "Previews used the fp32 LoRA held in memory; the saved file is rounded, which moves pixels by a few levels "
+    "(the oracle: max 13, mean ~0.9 of 255).",
+    "Expected and small; set save.dtype: float32 for bit-exact checkpoints.",
+    in_check=True,
+)  # fmt: skip
+def _lora_saved_fp16(plan, item, ctx):
+    if item.weights != "base" and plan.save_dtype in ("float16", "fp16", "bfloat16", "bf16"):
+        return Finding(
+            f"the checkpoint is the LoRA rounded to {plan.save_dtype}", {"save_dtype": plan.save_dtype}
+        )
+    return None
+
+
+@rule(
+    "negative_multiplier_merged", "warning", "preview",
+    "ai-toolkit merges out with -|m|, so a negative multiplier is added twice and stays in the base weights of "
+    "every later round.",
+    "Avoid negative network_multiplier in sample prompts when all prompts of a round share it.",
+    in_check=True,
+)  # fmt: skip
+def _negative_multiplier_merged(plan, item, ctx):
+    m = item.network_multiplier
+    if item.lora_merged and item.weights != "base" and m is not None and m < 0:
+        return Finding(f"multiplier {m:g} was merged and never merged out", {"network_multiplier": m})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# which weights made a preview (FACTS §1)
+
+
+@rule(
+    "checkpoint_never_saved", "warning", "preview",
+    "ai-toolkit saves a checkpoint every save.save_every steps only; a sampling step between saves has previews "
+    "but no weights on disk.",
+    "Make save_every a divisor of sample_every, or compare only the steps that have a checkpoint.",
+)  # fmt: skip
+def _checkpoint_never_saved(plan, item, ctx):
+    if not item.replayable and "no checkpoint was saved" in item.reason:
+        return Finding(f"no checkpoint was saved at step {item.step}", {"step": item.step})
+    return None
+
+
+@rule(
+    "checkpoint_wrong_step", "error", "preview",
+    "The checkpoint's training_info.step differs from the step in its file name: the file was swapped or "
+    "renamed, so it is not the weights that made this preview.",
+    "Put the right checkpoint back (its metadata names its step), or compare the preview of the step it holds.",
+)  # fmt: skip
+def _checkpoint_wrong_step(plan, item, ctx):
+    if item.weights == "none" and item.checkpoint is not None:
+        found = next((c for c in ctx.job.checkpoints if c.file == item.checkpoint), None) if ctx.job else None
+        held = found.training_step if found else None
+        return Finding(
+            f"{item.checkpoint} holds step {held if held is not None else '?'}, not {item.step}",
+            {"file": item.checkpoint, "file_step": item.step, "training_info_step": held},
+        )
+    return None
+
+
+@rule(
+    "final_checkpoint_missing", "warning", "preview",
+    "The last round is labelled train.steps and was made with the weights ai-toolkit saves as <name>.safetensors; "
+    "without that file the round cannot be replayed.",
+    "Copy the final LoRA <name>.safetensors back into the job folder.",
+)  # fmt: skip
+def _final_checkpoint_missing(plan, item, ctx):
+    if item.step and item.step == plan.train_steps and item.weights == "none" and item.checkpoint is None:
+        return Finding(
+            f"step {item.step} is the last round but {plan.job_name}.safetensors is missing",
+            {"step": item.step, "expected": f"{plan.job_name}.safetensors"},
+        )
+    return None
+
+
+@rule(
+    "step_not_sampled", "warning", "preview",
+    "The preview's step is not one this config samples at: a UI 'sample now' round (labelled one step after its "
+    "weights) or a config edited since training. Its weights cannot be named.",
+    "Use the config the job ran with, or leave such previews out of the comparison.",
+)  # fmt: skip
+def _step_not_sampled(plan, item, ctx):
+    if not item.replayable and "not a sampling step" in item.reason:
+        return Finding(f"step {item.step} is not a sampling step of this config", {"step": item.step})
+    return None
+
+
+@rule(
+    "final_round_uses_final_file", "info", "job",
+    "The last round is labelled train.steps and pairs with <name>.safetensors; <name>_<steps:09d>.safetensors is "
+    "normally never written. Comparing the last previews with an intermediate checkpoint compares different weights.",
+    "Compare the last round's previews with the final LoRA file.",
+)  # fmt: skip
+def _final_round_uses_final_file(plan, item, ctx):
+    last = [i for i in plan.items if i.weights == "final"]
+    if last:
+        return Finding(
+            f"the step-{last[0].step} previews pair with {last[0].checkpoint}",
+            {"step": last[0].step, "file": last[0].checkpoint},
+        )
+    return None
+
+
+@rule(
+    "merge_drift", "info", "preview",
+    "Every merged round merges the LoRA into bf16 base weights and merges it out again; the two roundings leave "
+    "some base weights a bf16 step off, and later rounds run on that drifted base (the oracle: max 13 of 255).",
+    "Expected and small; parity replays the earlier rounds' drift. Inference on a pristine base cannot "
+    "reproduce it: judge these rounds with the PASS threshold, not EXACT.",
+)  # fmt: skip
+def _merge_drift(plan, item, ctx):
+    if not item.lora_merged or item.weights == "base":
+        return None
+    earlier = sorted({o.step for o in plan.items if o.lora_merged and 0 < o.step < item.step})
+    if earlier:
+        return Finding(
+            "merged round after earlier merged rounds: the base weights had drifted",
+            {"earlier_merged_steps": earlier},
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# how the model ran (FACTS §3 quantisation, precision, EMA)
+
+
+@rule(
+    "layer_offloading", "warning", "preview",
+    "With model.layer_offloading ai-toolkit does not merge the LoRA (it runs as a side branch) and stores "
+    "quantised layers as float8; a merged bf16 inference gives different last bits.",
+    "Replay with the LoRA unmerged, or train without layer_offloading for exact previews.",
+)  # fmt: skip
+def _layer_offloading(plan, item, ctx):
+    if plan.layer_offloading and item.weights != "base":
+        return Finding("layer_offloading: the LoRA ran unmerged", {"layer_offloading": True})
+    return None
+
+
+@rule(
+    "preview_dtype_not_bf16", "warning", "job",
+    "Previews run the transformer, MLLM and VAE in train.dtype and draw the initial noise in it; inference "
+    "servers run bf16, so the same seed gives other noise and other pixels.",
+    "Train with dtype: bf16, or run inference in the job's dtype.",
+)  # fmt: skip
+def _preview_dtype(plan, item, ctx):
+    if plan.train_dtype not in ("bf16", "bfloat16"):
+        return Finding(f"previews ran in {plan.train_dtype}, not bf16", {"train_dtype": plan.train_dtype})
+    return None
+
+
+@rule(
+    "ema_previews", "info", "job",
+    "With train.ema_config.use_ema ai-toolkit samples previews with the EMA weights (and saves them); the raw "
+    "trained weights never made a preview.",
+    "Compare with the saved (EMA) checkpoints, not with weights taken from the optimizer state.",
+)  # fmt: skip
+def _ema_previews(plan, item, ctx):
+    if plan.use_ema:
+        return Finding("previews were made with the EMA weights", {"use_ema": True})
+    return None
+
+
+@rule(
+    "multipliers_differ_in_round", "info", "job",
+    "ai-toolkit merges the LoRA only when every prompt of a round has the same network_multiplier; otherwise it "
+    "runs unmerged (a float32 side branch added in bf16), a different code path from merged rounds and from "
+    "inference that fuses the LoRA.",
+    "Replay unmerged (parity does); give all sample prompts one multiplier for merged previews.",
+)  # fmt: skip
+def _multipliers_differ(plan, item, ctx):
+    if plan.quantize or plan.layer_offloading:
+        return None  # never merged anyway
+    differing = {}
+    for kind in ("sample", "first_sample"):
+        prompts = [p for p in ctx.prompts() if p.round == kind]
+        if len({p.settings.network_multiplier for p in prompts}) > 1:
+            differing[kind] = {p.index: p.settings.network_multiplier for p in prompts}
+    if differing:
+        kind, values = next(iter(differing.items()))
+        shown = ", ".join(_g(m) for m in values.values())
+        return Finding(
+            f"{kind} prompts use multipliers {shown}: every round ran the LoRA unmerged", differing
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# seeds (FACTS §2)
+
+
+@rule(
+    "seed_carried_over", "info", "job",
+    "With walk_seed off, a sample item's own seed: wins for that prompt AND carries over to every following "
+    "prompt without one; inference that uses the section seed (or 42 + i) draws other noise.",
+    "Give each sample its own seed, or send the carried seed to inference.",
+)  # fmt: skip
+def _seed_carried_over(plan, item, ctx):
+    carried = [p for p in ctx.prompts() if p.seed_from == "carried"]
+    if carried:
+        seeds = {p.label: p.settings.seed for p in carried}
+        return Finding(
+            f"{_labels(carried)} {'uses' if len(carried) == 1 else 'use'} seed {carried[0].settings.seed} carried over from an earlier item's seed "
+            "(walk_seed is off)",
+            {"seeds": seeds},
+        )
+    return None
+
+
+@rule(
+    "walk_seed_random_start", "warning", "job",
+    "With walk_seed and seed: -1, prompt 0 is random (and unrecorded) while prompt i >= 1 gets the fixed seed "
+    "-1 + i: the round is neither random nor walked from a chosen seed.",
+    "Set a fixed section seed with walk_seed.",
+)  # fmt: skip
+def _walk_seed_random_start(plan, item, ctx):
+    job = ctx.job
+    starts = {
+        k
+        for k, s in (("sample", job.sample), ("first_sample", job.first_sample))
+        if s and s.walk_seed and s.seed == -1
+    }
+    walked = [p for p in ctx.prompts() if p.round in starts and p.seed_from == "walk" and p.index > 0]
+    if walked:
+        return Finding(
+            "walk_seed with seed -1: prompt 0 is random but the others are fixed ("
+            + ", ".join(f"{p.label}: seed {p.settings.seed}" for p in walked)
+            + ")",
+            {"seeds": {p.label: p.settings.seed for p in walked}},
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompt text (FACTS §2 trigger and flags, §7)
+
+
+@rule(
+    "negative_not_text", "error", "preview",
+    "sample.neg defaults to the boolean False (and `neg:` is None); that reaches OmniGen2's chat template and "
+    "crashes sampling, so an omnigen2 job with it has no previews at all: these previews came from another config.",
+    "Set neg: '' (or a negative prompt) in the sample section.",
+)  # fmt: skip
+def _negative_not_text(plan, item, ctx):
+    if item.prompt is not None and item.negative_prompt is None:
+        return Finding("the negative prompt is not text (neg False or None): no previews are possible", {})
+    return None
+
+
+@rule(
+    "prompt_not_in_config", "error", "preview",
+    "The preview's prompt index is beyond the config's prompts: the config was edited after training, so the "
+    "prompt and settings of this preview are unknown.",
+    "Use the config.yaml the job was trained with.",
+)  # fmt: skip
+def _prompt_not_in_config(plan, item, ctx):
+    if item.prompt is None:
+        return Finding(
+            f"prompt {item.prompt_index} is not in the config", {"prompt_index": item.prompt_index}
+        )
+    return None
+
+
+@rule(
+    "trigger_left_literal", "warning", "job",
+    "ai-toolkit replaces [trigger] only when trigger_word is set; without it the text '[trigger]' went to the "
+    "model as is. A server that substitutes the trigger conditions on other text.",
+    "Set trigger_word, or send the prompt with the literal '[trigger]'.",
+)  # fmt: skip
+def _trigger_left_literal(plan, item, ctx):
+    if plan.trigger_word is not None:
+        return None
+    literal = [p for p in ctx.prompts() if "[trigger]" in p.raw]
+    if literal:
+        return Finding(
+            f"'[trigger]' stayed literally in {_labels(literal)}: trigger_word is unset",
+            {"prompts": [p.label for p in literal]},
+        )
+    return None
+
+
+@rule(
+    "trigger_word_absent", "info", "job",
+    "ai-toolkit never adds the trigger word: a prompt without it (or [trigger]) sampled the LoRA unprompted. "
+    "Inference that prepends the trigger word conditions on other text.",
+    "Send the prompt exactly as the preview had it; add [trigger] to sample prompts that should use it.",
+)  # fmt: skip
+def _trigger_word_absent(plan, item, ctx):
+    word = plan.trigger_word
+    if not word:
+        return None
+    absent = [p for p in ctx.prompts() if word not in p.settings.prompt]
+    if absent:
+        return Finding(
+            f"the trigger word {word!r} is not in {_labels(absent)}",
+            {"trigger_word": word, "prompts": [p.label for p in absent]},
+        )
+    return None
+
+
+@rule(
+    "unknown_flags_dropped", "warning", "job",
+    "ai-toolkit splits prompts on '--' and silently drops flags it does not know (and a literal '--' truncates "
+    "the prompt): the preview ignored them.",
+    "Remove or fix the flags (known: n w h d/seed l/cfg s/steps m/network_multiplier gr ctrl_img ctrl_idx frames fps).",
+)  # fmt: skip
+def _unknown_flags(plan, item, ctx):
+    found = [p for p in ctx.prompts() if p.settings.unknown_flags]
+    if found:
+        flags = {p.label: list(p.settings.unknown_flags) for p in found}
+        shown = "; ".join(f"{label}: {' '.join(f)}" for label, f in flags.items())
+        return Finding(f"unknown prompt flags were dropped ({shown})", {"flags": flags})
+    return None
+
+
+@rule(
+    "flag_quotes_kept", "info", "job",
+    "ai-toolkit does not strip quotes from flag values: `--n \"blurry\"` gives the negative prompt \"blurry\" "
+    "with its quote marks, and the preview was conditioned on that text.",
+    "Send the value with its quotes to reproduce the preview; drop the quotes in the config for what was meant.",
+)  # fmt: skip
+def _flag_quotes_kept(plan, item, ctx):
+    quoted = {
+        p.label: [f"--{flag} {content}" for flag, content in p.flags
+                  if content[:1] in _QUOTES or content[-1:] in _QUOTES]
+        for p in ctx.prompts()
+    }  # fmt: skip
+    quoted = {label: flags for label, flags in quoted.items() if flags}
+    if quoted:
+        shown = "; ".join(f"{label}: {', '.join(f)}" for label, f in quoted.items())
+        return Finding(f"quotes kept in flag values ({shown})", {"flags": quoted})
+    return None
+
+
+@rule(
+    "size_floored_to_8", "info", "job",
+    "ai-toolkit floors every sample size to a multiple of 8 with a 64 minimum before generating: the preview "
+    "is smaller (or larger) than the config asked for.",
+    "Ask inference for the floored size shown here.",
+)  # fmt: skip
+def _size_floored_to_8(plan, item, ctx):
+    changed = {}
+    for p in ctx.prompts():
+        asked = (p.settings.width, p.settings.height)
+        got = requested_size(*asked)
+        if got != asked:
+            changed[p.label] = {"config": list(asked), "preview": list(got)}
+    if changed:
+        shown = ", ".join(f"{v['config'][0]}x{v['config'][1]} -> {v['preview'][0]}x{v['preview'][1]}"
+                          for v in changed.values())  # fmt: skip
+        return Finding(f"sizes floored to 8 / raised to 64: {shown}", {"sizes": changed})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference images (FACTS §3 "Reference image", §6)
+
+
+@rule(
+    "ctrl_img_numbered_ignored", "warning", "job",
+    "ai-toolkit's omnigen2 sampling reads only ctrl_img (a sample with only ctrl_img_1 is plain text-to-image); "
+    "ai-toolkit-inference prefers ctrl_img_1..3 and passes them all.",
+    "Put the reference image in ctrl_img; send inference the image the preview used.",
+)  # fmt: skip
+def _ctrl_img_numbered(plan, item, ctx):
+    ignored = {}
+    for kind in ("sample", "first_sample"):
+        for i, raw in enumerate(ctx.raw_sample_items(kind)):
+            extra = {k: raw[k] for k in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
+                     if raw.get(k) is not None and raw.get(k) != raw.get("ctrl_img")}  # fmt: skip
+            if extra:
+                ignored[f"{kind}.samples[{i}]"] = extra
+    if ignored:
+        shown = "; ".join(f"{where}: {', '.join(keys)}" for where, keys in ignored.items())
+        return Finding(f"ctrl_img_1..3 were ignored by the previews ({shown})", {"ignored": ignored})
+    return None
+
+
+@rule(
+    "reference_image_missing", "warning", "preview",
+    "The preview was conditioned on a reference image that is not on this machine; without it the preview "
+    "cannot be replayed.",
+    "Pass --assets DIR with the reference images (found by file name).",
+)  # fmt: skip
+def _reference_image_missing(plan, item, ctx):
+    if item.ctrl_img_recorded and item.ctrl_img is None:
+        return Finding(
+            f"reference image {item.ctrl_img_recorded} not found", {"ctrl_img": item.ctrl_img_recorded}
+        )
+    return None
+
+
+@rule(
+    "ctrl_img_resized", "warning", "preview",
+    "ai-toolkit resizes the reference image (bilinear) to exactly the sample's width x height before OmniGen2's "
+    "processor; inference that passes the original image encodes another picture.",
+    "Resize the reference image to the sample size (bilinear) before sending it, or store it at that size.",
+)  # fmt: skip
+def _ctrl_img_resized(plan, item, ctx):
+    if item.ctrl_img is None or item.width is None:
+        return None
+    size = ctx.image(item.ctrl_img)
+    if isinstance(size, tuple) and size != (item.width, item.height):
+        return Finding(
+            f"reference image {Path(item.ctrl_img).name} is {size[0]}x{size[1]}; the preview used it resized to "
+            f"{item.width}x{item.height}",
+            {"image_size": list(size), "resized_to": [item.width, item.height]},
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the preview files
+
+
+@rule(
+    "preview_unreadable", "error", "preview",
+    "The preview file cannot be decoded: it was truncated or is not an image.",
+    "Restore the preview file from the training machine.",
+)  # fmt: skip
+def _preview_unreadable(plan, item, ctx):
+    size = ctx.image(item.file)
+    if isinstance(size, str):
+        return Finding(f"{item.file} cannot be read: {size}", {"error": size})
+    return None
+
+
+@rule(
+    "preview_size_mismatch", "error", "preview",
+    "The preview's pixel size differs from what the config gives for it: the config was edited after training "
+    "or the preview was resized since.",
+    "Use the config and previews exactly as ai-toolkit wrote them.",
+)  # fmt: skip
+def _preview_size_mismatch(plan, item, ctx):
+    size = ctx.image(item.file)
+    if item.width is not None and isinstance(size, tuple) and size != (item.width, item.height):
+        return Finding(
+            f"the preview is {size[0]}x{size[1]} but the config gives {item.width}x{item.height}",
+            {"preview_size": list(size), "config_size": [item.width, item.height]},
+        )
+    return None
+
+
+@rule(
+    "preview_reencoded", "warning", "preview",
+    "ai-toolkit saves JPEG previews with Pillow's defaults (quality 75, 4:2:0); another quality means the file "
+    "was re-saved, and its pixels are no longer ai-toolkit's.",
+    "Use the previews as ai-toolkit wrote them; parity encodes replays the way the file says, but a re-save "
+    "adds a second loss.",
+)  # fmt: skip
+def _preview_reencoded(plan, item, ctx):
+    if not isinstance(ctx.image(item.file), tuple):
+        return None
+    from parity.scores import identify_encoding
+
+    encoding = identify_encoding(ctx.samples_dir / item.file)
+    if encoding.format == "JPEG" and not encoding.matches_aitoolkit_default:
+        return Finding(
+            f"the preview is {encoding.describe()}, not ai-toolkit's JPEG quality 75 4:2:0",
+            {"encoding": encoding.describe()},
+        )
+    return None
+
+
+@rule(
+    "preview_barely_changes", "warning", "job",
+    "A prompt's last preview is almost the first one (SSIM > 0.98): the LoRA hardly changed the output during "
+    "training. That is a training problem (learning rate, steps, captions, trigger word), not an inference "
+    "mismatch.",
+    "Check the training (lr, steps, dataset captions, trigger word) before debugging inference.",
+)  # fmt: skip
+def _preview_barely_changes(plan, item, ctx):
+    from parity.scores import compute_metrics, load_rgb
+
+    by_prompt: dict[int, list[ReplayItem]] = {}
+    for i in plan.items:
+        if i.round == "sample" and isinstance(ctx.image(i.file), tuple):
+            by_prompt.setdefault(i.prompt_index, []).append(i)
+    still = {}
+    for index, items in sorted(by_prompt.items()):
+        first, last = min(items, key=lambda i: i.step), max(items, key=lambda i: i.step)
+        if first.step == last.step or ctx.image(first.file) != ctx.image(last.file):
+            continue
+        ssim = compute_metrics(load_rgb(ctx.samples_dir / first.file), load_rgb(ctx.samples_dir / last.file))[
+            0
+        ].ssim
+        if ssim > BARELY_CHANGES_SSIM:
+            still[f"sample prompt {index}"] = {"steps": [first.step, last.step], "ssim": round(ssim, 4)}
+    if still:
+        shown = ", ".join(f"{label} (step {v['steps'][0]} vs {v['steps'][1]}: SSIM {v['ssim']:.3f})"
+                          for label, v in still.items())  # fmt: skip
+        return Finding(
+            f"previews barely change across training: {shown}",
+            {"prompts": still, "threshold_ssim": BARELY_CHANGES_SSIM},
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the LoRA files (FACTS §4, §7)
+
+
+def lora_keys_cause(problem: str, checkpoint: str | None) -> Cause:
+    """LoRA keys that match no OmniGen2 layer (or no layer at all): an error at 0 layers, else a warning."""
+    return get_rule("lora_keys_unmatched").cause(Finding(
+        f"LoRA keys that match nothing in {checkpoint or 'the LoRA'}",
+        {"problem": problem, "file": checkpoint},
+        "error" if "0 layers" in problem else "warning",
+    ))  # fmt: skip
+
+
+@rule(
+    "lora_keys_unmatched", "error", "preview",
+    "Keys that match no transformer layer are not applied; inference tools drop them silently.",
+    "Check the key prefix (diffusion_model. / transformer.) and the module names against the model.",
+)  # fmt: skip
+def _lora_keys_unmatched(plan, item, ctx):
+    if item.checkpoint is None or ctx.job is None:
+        return None
+    checked = ctx.lora(item.checkpoint)
+    if isinstance(checked, str):
+        return None  # checkpoint_unreadable says it
+    problem = checked[1].problem()
+    if problem:
+        cause = lora_keys_cause(problem, item.checkpoint)
+        return Finding(cause.title, cause.evidence | {"checked_against": ctx.skeleton()[1]}, cause.severity)
+    return None
+
+
+@rule(
+    "checkpoint_unreadable", "error", "preview",
+    "The checkpoint's tensors cannot be read (truncated or corrupt file), so the preview cannot be replayed.",
+    "Copy the checkpoint again from the training machine.",
+)  # fmt: skip
+def _checkpoint_unreadable(plan, item, ctx):
+    if item.checkpoint is None or ctx.job is None:
+        return None
+    checked = ctx.lora(item.checkpoint)
+    if isinstance(checked, str):
+        return Finding(
+            f"{item.checkpoint} cannot be read: {checked}", {"file": item.checkpoint, "error": checked}
+        )
+    return None
+
+
+@rule(
+    "lora_untrained", "warning", "preview",
+    "Every lora_B (up) matrix of the checkpoint is zero, as at initialisation: the LoRA changes nothing, so the "
+    "preview is the base model. A training problem, not an inference mismatch.",
+    "Check the learning rate and that training ran; compare against the base model.",
+)  # fmt: skip
+def _lora_untrained(plan, item, ctx):
+    if item.checkpoint is None or item.step == 0 or ctx.job is None:
+        return None
+    checked = ctx.lora(item.checkpoint)
+    if (
+        not isinstance(checked, str)
+        and checked[0].modules
+        and all(not m.up.any() for m in checked[0].modules.values())
+    ):
+        return Finding(f"{item.checkpoint} is untrained: every B matrix is zero", {"file": item.checkpoint})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# where ai-toolkit-inference departs from the previews (FACTS §6): informational
+
+
+@rule(
+    "ir_empty_negative_templated_once", "info", "job",
+    "Training templates the empty negative prompt with OmniGen2's chat template twice; ai-toolkit-inference "
+    "leaves an empty negative untemplated, so the pipeline templates it once: the unconditional branch differs.",
+    "Template the empty negative twice at inference (parity's server profile shows the effect).",
+)  # fmt: skip
+def _ir_empty_negative(plan, item, ctx):
+    empty = [p for p in ctx.prompts() if p.settings.negative_prompt == "" and p.settings.guidance_scale > 1]
+    if empty:
+        return Finding(f"{_labels(empty)} have an empty negative prompt (templated twice in training, once by "
+                       "ai-toolkit-inference)", {"prompts": [p.label for p in empty]})  # fmt: skip
+    return None
+
+
+@rule(
+    "ir_size_floored_to_16", "info", "job",
+    "ai-toolkit-inference floors width and height to a multiple of 16 and returns that smaller image; "
+    "ai-toolkit resizes back to the requested size.",
+    "Resize the server's output back (bilinear) to the preview size before comparing.",
+)  # fmt: skip
+def _ir_size_floored(plan, item, ctx):
+    sizes = sorted({(i.width, i.height) for i in plan.items if i.width and (i.width % 16 or i.height % 16)})
+    if sizes:
+        shown = ", ".join(f"{w}x{h} -> {w // 16 * 16}x{h // 16 * 16}" for w, h in sizes)
+        return Finding(
+            f"ai-toolkit-inference returns smaller images: {shown}", {"sizes": [list(s) for s in sizes]}
+        )
+    return None
+
+
+@rule(
+    "ir_jpeg_quality", "info", "job",
+    "Previews are JPEG at Pillow's default quality 75 (4:2:0); ai-toolkit-inference returns JPEG quality 95. "
+    "Two different losses cap the agreement even for identical pixels.",
+    "Compare lossless outputs, or encode both the same way (parity encodes replays like the preview).",
+)  # fmt: skip
+def _ir_jpeg_quality(plan, item, ctx):
+    if plan.sample_format.lower() in ("jpg", "jpeg"):
+        return Finding(
+            f"previews are JPEG q{PREVIEW_JPEG_QUALITY}, ai-toolkit-inference returns q{IR_JPEG_QUALITY}",
+            {"preview_quality": PREVIEW_JPEG_QUALITY, "inference_quality": IR_JPEG_QUALITY},
+        )
+    return None
+
+
+@rule(
+    "ir_defaults_differ", "info", "job",
+    "A request that leaves settings out gets ai-toolkit-inference's defaults (25 steps, cfg 4, 1024x1024), "
+    "not the sample section's.",
+    "Send steps, guidance scale, width and height with every request.",
+)  # fmt: skip
+def _ir_defaults_differ(plan, item, ctx):
+    prompts = ctx.prompts()
+    steps = sorted({p.settings.num_inference_steps for p in prompts} - {IR_STEPS})
+    cfgs = sorted({p.settings.guidance_scale for p in prompts} - {IR_CFG})
+    sizes = sorted(
+        {requested_size(p.settings.width, p.settings.height) for p in prompts} - {(IR_SIZE, IR_SIZE)}
+    )
+    if not (steps or cfgs or sizes):
+        return None
+    parts = (
+        ([f"steps {', '.join(map(str, steps))} (default {IR_STEPS})"] if steps else [])
+        + ([f"cfg {', '.join(map(_g, cfgs))} (default {IR_CFG:g})"] if cfgs else [])
+        + ([f"size {', '.join(f'{w}x{h}' for w, h in sizes)} (default {IR_SIZE}x{IR_SIZE})"] if sizes else [])
+    )
+    return Finding("the previews used " + "; ".join(parts),
+                   {"steps": steps, "guidance_scale": cfgs, "sizes": [list(s) for s in sizes]})  # fmt: skip
+
+
+@rule(
+    "ir_default_seeds", "info", "job",
+    "ai-toolkit-inference seeds prompt i with 42 + i when the request has no seed; the previews used other seeds.",
+    "Send each preview's seed with the request (parity plan lists them).",
+)  # fmt: skip
+def _ir_default_seeds(plan, item, ctx):
+    other = {p.label: p.settings.seed for p in ctx.prompts()
+             if p.settings.seed is not None and p.settings.seed != IR_FIRST_SEED + p.index}  # fmt: skip
+    if other:
+        shown = ", ".join(f"{label}: {seed}" for label, seed in other.items())
+        return Finding(f"seeds differ from ai-toolkit-inference's 42 + i ({shown})", {"seeds": other})
+    return None
+
+
+@rule(
+    "ir_flags_not_parsed", "info", "job",
+    "ai-toolkit-inference does not parse '--' flags: '--w 96 --seed 7 ...' would reach the model as prompt text "
+    "and the settings they set in training would be lost.",
+    "Strip the flags from the prompt and send their values as request fields.",
+)  # fmt: skip
+def _ir_flags_not_parsed(plan, item, ctx):
+    flagged = [p for p in ctx.prompts() if p.flags]
+    if flagged:
+        return Finding(
+            f"'--' flags in {_labels(flagged)} would reach ai-toolkit-inference as prompt text",
+            {"prompts": [p.label for p in flagged]},
+        )
+    return None
+
+
+@rule(
+    "ir_per_prompt_multiplier", "info", "job",
+    "ai-toolkit-inference has one request-level LoRA multiplier; per-prompt multipliers of the previews "
+    "cannot be expressed.",
+    "Send one request per multiplier with loras[0].network_multiplier set to it.",
+)  # fmt: skip
+def _ir_per_prompt_multiplier(plan, item, ctx):
+    values = {p.label: p.settings.network_multiplier for p in ctx.prompts()}
+    if len(set(values.values())) > 1:
+        shown = ", ".join(f"{label}: {_g(m)}" for label, m in values.items())
+        return Finding(f"per-prompt LoRA multipliers ({shown})", {"multipliers": values})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running the rules
+
+
+def item_causes(plan: ReplayPlan, item: ReplayItem) -> list[Cause]:
+    """Every settings-readable cause that applies to ``item`` (the ``in_check`` rules, in registry order)."""
+    ctx = LintContext()
+    causes = []
+    for r in RULES:
+        if r.in_check and (finding := r.applies(plan, item, ctx)) is not None:
+            causes.append(r.cause(finding))
+    return causes
+
+
+@dataclass(frozen=True)
+class LintFinding:
+    """A cause found by lint and the previews it concerns (empty for a job-level rule)."""
+
+    cause: Cause
+    scope: str
+    previews: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.cause.to_dict(), "scope": self.scope, "previews": list(self.previews)}
+
+
+@dataclass(frozen=True)
+class LintReport:
+    job_dir: str
+    job_name: str
+    findings: tuple[LintFinding, ...]
+    rules_checked: int
+    lora_checked_against: str | None  # the transformer the checkpoints' keys were matched with
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(f.cause.severity == s for f in self.findings) for s in reversed(SEVERITIES)}
+
+    @property
+    def codes(self) -> list[str]:
+        return [f.cause.code for f in self.findings]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": {"dir": self.job_dir, "name": self.job_name},
+            "rules_checked": self.rules_checked,
+            "lora_checked_against": self.lora_checked_against,
+            "counts": self.counts,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def lint(
+    job_dir: str | Path, base_model: str | None = None, assets_dir: str | Path | None = None
+) -> LintReport:
+    """Run every rule on ``job_dir``: errors first, then warnings, then informational findings.
+
+    ``base_model`` (a folder) gives the transformer whose module names and shapes the checkpoints are matched
+    with; without it the config's base model if it is on this machine, else the real OmniGen2 architecture.
+    Raises InputError for a folder, config or base model that cannot be used.
+    """
+    plan = build_plan(job_dir, assets_dir)
+    ctx = LintContext(job=read_job_folder(job_dir), base_model=base_model)
+    findings: list[LintFinding] = []
+    for r in RULES:
+        if r.scope == "job":
+            if (finding := r.applies(plan, None, ctx)) is not None:
+                findings.append(LintFinding(r.cause(finding), "job"))
+            continue
+        grouped: dict[tuple[str, str], tuple[Cause, list[str]]] = {}
+        for item in plan.items:
+            if (finding := r.applies(plan, item, ctx)) is not None:
+                cause = r.cause(finding)
+                grouped.setdefault((cause.severity, cause.title), (cause, []))[1].append(item.file)
+        findings += [LintFinding(cause, "preview", tuple(files)) for cause, files in grouped.values()]
+    findings.sort(key=lambda f: -SEVERITIES.index(f.cause.severity))
+    return LintReport(
+        job_dir=plan.job_dir,
+        job_name=plan.job_name,
+        findings=tuple(findings),
+        rules_checked=len(RULES),
+        lora_checked_against=ctx.checked_against,
+    )

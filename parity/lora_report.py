@@ -1,0 +1,290 @@
+"""``parity lora``: what a LoRA file holds and whether it applies to the OmniGen2 transformer (FACTS §4).
+
+Reads the format, ranks, dtypes, scale convention and ai-toolkit's metadata; matches every module against the
+transformer's Linear layers, built on the meta device (no weights) from the base model's transformer config or,
+without one, the real OmniGen2 architecture; and measures each module's weight change ``||B @ A||_F``.
+A LoRA applies when every key matched: "applied to 0 layers" or a partial match is the failure users hit
+(FACTS §7), and inference tools skip unmatched keys silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parity.errors import EnvironmentProblem, InputError
+from parity.jobfolder import read_safetensors_header
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# ai-toolkit's default targets (network.transformer_only): Linear layers whose path contains one of these
+AITOOLKIT_TARGET_PARTS = ("noise_refiner", "context_refiner", "layers")
+REAL_ARCHITECTURE = "the real OmniGen2 architecture (OmniGen2/OmniGen2 transformer config)"
+
+
+@dataclass(frozen=True)
+class ModuleNorm:
+    """How much one module changes its layer: Frobenius norms of B @ A, A (down) and B (up)."""
+
+    module: str
+    rank: int
+    scale: float  # alpha / rank, or 1 without .alpha keys
+    delta_norm: float  # ||B @ A||_F (times scale it is the weight change at multiplier 1)
+    down_norm: float  # ||A||_F
+    up_norm: float  # ||B||_F
+
+
+@dataclass(frozen=True)
+class LoraMetadata:
+    """What ai-toolkit writes into a LoRA's safetensors metadata; None where absent."""
+
+    training_step: int | None
+    epoch: int | None
+    base_model_version: str | None  # ss_base_model_version, "omnigen2" for ai-toolkit's OmniGen2 LoRAs
+    software: str | None  # the writing tool's name from `software`
+    software_version: str | None  # ai-toolkit's version from `software`
+    name: str | None  # from the job's meta: section
+    version: str | None
+    output_name: str | None  # ss_output_name: the job name
+
+
+@dataclass
+class LoraReport:
+    """A LoRA file inspected against an OmniGen2 transformer."""
+
+    file: str
+    format: str
+    tensor_count: int
+    module_count: int
+    ranks: dict[int, int]  # rank -> number of modules
+    dtypes: list[str]
+    alpha_keys: int
+    scales: list[float]  # distinct alpha / rank values (1.0 without .alpha keys)
+    metadata: LoraMetadata
+    raw_metadata: dict[str, str]
+    checked_against: str
+    layer_count: int  # Linear layers of that transformer
+    default_target_count: int  # of which ai-toolkit targets by default
+    matched: list[str]
+    unmatched: list[str]
+    shape_mismatches: list[str]
+    unparsed_keys: list[str]
+    unpaired_keys: list[str]
+    norms: list[ModuleNorm]  # largest ||B @ A|| first
+    untrained: bool  # every B is zero: the LoRA changes nothing
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scale_convention(self) -> str:
+        if not self.alpha_keys:
+            return "1 (no .alpha keys: ai-toolkit forces alpha = rank)"
+        return "alpha/rank = " + ", ".join(f"{s:g}" for s in self.scales)
+
+    @property
+    def applies(self) -> bool:
+        """Every key of the file became a module that matched a layer of the right shape."""
+        return bool(self.matched) and not (
+            self.unmatched or self.shape_mismatches or self.unparsed_keys or self.unpaired_keys
+        )
+
+    @property
+    def problem(self) -> str | None:
+        """One line saying what does not apply, or None."""
+        if self.applies:
+            return None
+        parts = (
+            ["applies to 0 layers"]
+            if not self.matched
+            else [f"applies to {len(self.matched)} of {self.module_count} modules"]
+        )
+        for label, names in (
+            ("unmatched modules", self.unmatched),
+            ("shape mismatches", self.shape_mismatches),
+            ("unrecognised keys", self.unparsed_keys),
+            ("unpaired keys", self.unpaired_keys),
+        ):
+            if names:
+                parts.append(f"{len(names)} {label}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ranks"] = {str(k): v for k, v in self.ranks.items()}
+        data["scale_convention"] = self.scale_convention
+        data["applies"] = self.applies
+        data["problem"] = self.problem
+        return data
+
+
+def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> LoraReport:
+    """Read ``path`` and match it against ``base_model``'s transformer (or the real OmniGen2 architecture).
+
+    Raises InputError for a file that is missing, not safetensors, a pickle or corrupt, or a base model folder
+    that is not OmniGen2; EnvironmentProblem for a base model that is not on this machine.
+    """
+    from pipelines.omnigen2.lora import linear_modules
+
+    path = Path(path)
+    header = _check_file(path)
+    skeleton = transformer_skeleton(base_model)
+    lora, keys = match_against(path, skeleton)
+    layers = linear_modules(skeleton[0])
+    tensors = [k for k in header if k != "__metadata__"]
+    alpha_keys = sum(k.endswith(".alpha") for k in tensors)
+    norms = sorted((_norms(m) for m in lora.modules.values()), key=lambda n: -n.delta_norm)
+    ranks: dict[int, int] = {}
+    for module in lora.modules.values():
+        ranks[module.rank] = ranks.get(module.rank, 0) + 1
+    metadata = read_metadata(lora.metadata)
+    report = LoraReport(
+        file=str(path),
+        format=lora.format,
+        tensor_count=len(tensors),
+        module_count=len(lora.modules),
+        ranks=dict(sorted(ranks.items())),
+        dtypes=lora.dtypes,
+        alpha_keys=alpha_keys,
+        scales=sorted({m.scale for m in lora.modules.values()}),
+        metadata=metadata,
+        raw_metadata=dict(lora.metadata),
+        checked_against=skeleton[1],
+        layer_count=len(layers),
+        default_target_count=sum(any(p in name for p in AITOOLKIT_TARGET_PARTS) for name in layers),
+        matched=keys.matched,
+        unmatched=keys.unmatched,
+        shape_mismatches=keys.shape_mismatches,
+        unparsed_keys=keys.unparsed_keys,
+        unpaired_keys=keys.unpaired_keys,
+        norms=norms,
+        untrained=bool(lora.modules) and all(not m.up.any() for m in lora.modules.values()),
+    )
+    report.notes.extend(_notes(report))
+    return report
+
+
+def _check_file(path: Path) -> dict[str, Any]:
+    """The file's safetensors header; InputError with one line for anything that is not a LoRA file."""
+    if not path.exists():
+        raise InputError(path, "LoRA file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a LoRA file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(path, "pickle file: parity never loads pickles (convert the LoRA to .safetensors)")
+    if path.suffix.lower() != ".safetensors":
+        raise InputError(path, "not a .safetensors file")
+    return read_safetensors_header(path)
+
+
+def match_against(path: str | Path, skeleton):
+    """(LoraFile, KeyReport) of ``path`` against a :func:`transformer_skeleton`; InputError if unreadable."""
+    from pipelines.omnigen2.lora import LoraError, linear_modules, match_lora, read_lora
+
+    transformer, _ = skeleton
+    try:
+        lora = read_lora(path, list(linear_modules(transformer)))
+    except LoraError as exc:
+        raise InputError(exc.path, exc.problem) from None
+    return lora, match_lora(lora, transformer)
+
+
+def transformer_skeleton(base_model: str | Path | None):
+    """(OmniGen2 transformer on the meta device, what it was built from): only the transformer config is read."""
+    import torch
+
+    from pipelines.omnigen2.transformer import OmniGen2Config, OmniGen2Transformer
+
+    if base_model is None:
+        config, source = OmniGen2Config(), REAL_ARCHITECTURE
+    else:
+        config_file = transformer_config_file(base_model)
+        try:
+            config = OmniGen2Config.from_file(config_file)
+        except (ValueError, TypeError) as exc:
+            raise InputError(config_file, f"not a usable transformer config ({exc})") from None
+        source = f"base model {base_model} (transformer config)"
+    try:
+        with torch.device("meta"):
+            transformer = OmniGen2Transformer(config)
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            base_model, f"transformer config does not build an OmniGen2 transformer: {exc}"
+        ) from None
+    return transformer, source
+
+
+def transformer_config_file(base_model: str | Path) -> Path:
+    """``transformer/config.json`` of a diffusers-layout folder (or a transformer folder's ``config.json``)."""
+    from pipelines.omnigen2.loading import ModelLoadError, resolve_model_dir
+    from pipelines.omnigen2.transformer import CONFIG_CLASS_NAME
+
+    try:
+        root = resolve_model_dir(base_model)
+    except ModelLoadError as exc:
+        if exc.missing:
+            raise EnvironmentProblem(exc.path, "base model not found") from None
+        raise InputError(exc.path, exc.problem) from None
+    for candidate in (root / "transformer" / "config.json", root / "config.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(candidate, f"not valid JSON ({exc})") from None
+            name = data.get("_class_name") if isinstance(data, dict) else None
+            if name != CONFIG_CLASS_NAME:
+                raise InputError(candidate, f"transformer class is {name!r}, not {CONFIG_CLASS_NAME}")
+            return candidate
+    raise InputError(root, "no transformer/config.json: not a diffusers-layout OmniGen2 folder")
+
+
+def read_metadata(metadata: dict[str, str]) -> LoraMetadata:
+    """ai-toolkit's metadata fields (FACTS §4); JSON fields that do not parse count as absent."""
+    info = _json(metadata.get("training_info"))
+    software = _json(metadata.get("software"))
+    return LoraMetadata(
+        training_step=info.get("step") if isinstance(info.get("step"), int) else None,
+        epoch=info.get("epoch") if isinstance(info.get("epoch"), int) else None,
+        base_model_version=metadata.get("ss_base_model_version"),
+        software=_text(software.get("name")),
+        software_version=_text(software.get("version")),
+        name=metadata.get("name"),
+        version=metadata.get("version"),
+        output_name=metadata.get("ss_output_name"),
+    )
+
+
+def _json(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _norms(module) -> ModuleNorm:
+    import numpy as np
+
+    down, up = module.down.double().numpy(), module.up.double().numpy()
+    # ||B A||_F^2 = sum((B^T B) * (A A^T)): two rank x rank Gram matrices instead of the full out x in product
+    delta = float(np.sqrt(max(((up.T @ up) * (down @ down.T)).sum(), 0.0)))
+    return ModuleNorm(
+        module.path, module.rank, module.scale, delta, float(np.linalg.norm(down)), float(np.linalg.norm(up))
+    )
+
+
+def _notes(report: LoraReport) -> list[str]:
+    notes = []
+    if report.untrained:
+        notes.append("every B (up) matrix is zero: the LoRA is untrained and changes nothing")
+    version = report.metadata.base_model_version
+    if version is not None and version != "omnigen2":
+        notes.append(f"ss_base_model_version is {version!r}: trained for another model than OmniGen2")
+    if report.alpha_keys and any(s != 1.0 for s in report.scales):
+        notes.append("scale alpha/rank is not 1: ai-toolkit-inference ignores alpha and fuses B @ A unscaled")
+    if report.format not in ("ai-toolkit",):
+        notes.append(f"{report.format} naming: module names were mapped from the file's own convention")
+    return notes
