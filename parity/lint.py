@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity.errors import InputError
 from parity.jobfolder import TRAINER_TYPES, JobFolder, SampleItem, SampleSection, load_config, read_job_folder
 from parity.plan import (
     PromptSettings,
@@ -174,8 +175,8 @@ class LintContext:
             skeleton = self.skeleton()
             try:
                 self._loras[file] = match_against(self.job.path / file, skeleton)
-            except Exception as exc:  # any unreadable file is a finding, not a crash of the lint
-                self._loras[file] = getattr(exc, "problem", None) or str(exc)
+            except InputError as exc:  # an unreadable checkpoint is a finding, not a failed lint
+                self._loras[file] = exc.problem
         return self._loras[file]
 
     @property
@@ -784,7 +785,10 @@ def _preview_reencoded(plan, item, ctx):
         return None
     from parity.scores import identify_encoding
 
-    encoding = identify_encoding(ctx.samples_dir / item.file)
+    try:
+        encoding = identify_encoding(ctx.samples_dir / item.file)
+    except InputError:
+        return None  # not an image format ai-toolkit writes: nothing to say about its encoding
     if encoding.format == "JPEG" and not encoding.matches_aitoolkit_default:
         return Finding(
             f"the preview is {encoding.describe()}, not ai-toolkit's JPEG quality 75 4:2:0",

@@ -185,6 +185,12 @@ def match_against(path: str | Path, skeleton):
         lora = read_lora(path, list(linear_modules(transformer)))
     except LoraError as exc:
         raise InputError(exc.path, exc.problem) from None
+    for module in lora.modules.values():
+        if module.down.dim() != 2 or module.up.dim() != 2 or module.up.shape[1] != module.down.shape[0]:
+            raise InputError(
+                path,
+                f"{module.path}: not a low-rank pair (down {tuple(module.down.shape)}, up {tuple(module.up.shape)})",
+            )
     return lora, match_lora(lora, transformer)
 
 

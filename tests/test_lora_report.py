@@ -213,6 +213,13 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def one_dimensional(folder: Path) -> Path:
+    path = folder / "flat.safetensors"
+    module = "diffusion_model.layers.0.attn.to_q"
+    save_file({f"{module}.lora_A.weight": torch.ones(4), f"{module}.lora_B.weight": torch.ones(4)}, str(path))
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -225,8 +232,9 @@ def write_bytes(path: Path, data: bytes) -> Path:
             lambda d: write_bytes(d / "cut.safetensors", ORIGINAL.read_bytes()[:-1000]),
             "unreadable safetensors",
         ),
+        (one_dimensional, "not a low-rank pair"),
     ],
-    ids=["missing", "folder", "pickle", "suffix", "garbage", "truncated"],
+    ids=["missing", "folder", "pickle", "suffix", "garbage", "truncated", "not_2d"],
 )
 def test_bad_files_are_one_line_and_exit_2(monkeypatch, capsys, tmp_path, make, message):
     path = make(tmp_path)
