@@ -155,7 +155,7 @@ class LintContext:
         return [item if isinstance(item, dict) else {} for item in items]
 
     def image(self, file: str):
-        """A preview (or reference image) as ``(width, height, rgb loader)``, or the error text if unreadable."""
+        """A preview's (or reference image's) ``(width, height)``, or the error text if it cannot be read."""
         if file not in self._images:
             from PIL import Image
 
