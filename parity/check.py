@@ -25,7 +25,10 @@ from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, score_replay
 
-PIPELINE_PROFILE = "aitoolkit-omnigen2-preview"
+PIPELINE_PROFILES = {
+    "aitoolkit": "aitoolkit-omnigen2-preview",  # reproduce the training previews
+    "server": "ai-toolkit-inference-omnigen2",  # render each preview's request as the inference server does
+}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class CheckOptions:
     fail_on: str = "fail"
     thresholds: Thresholds = field(default_factory=Thresholds)
     use_cache: bool = True
+    pipeline: str = "aitoolkit"  # "server": score ai-toolkit-inference's rendering instead (FACTS §6)
     diagnose: bool = True  # flip knobs for every preview that does not pass
     diagnose_budget: int = 80  # most replays per preview when diagnosing
 
@@ -110,14 +114,18 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         if progress:
             progress(item.file)
         try:
-            key, info = replayer.prepare(item)
-            png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
-            if options.use_cache and png.is_file():
-                pixels = np.array(Image.open(png).convert("RGB"))
+            if options.pipeline == "server":
+                score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
+                causes = departures + causes
             else:
-                pixels = replayer.replay(item).pixels
-                save_png_atomic(png, pixels)
-            score = score_replay(preview_path, pixels, options.thresholds)
+                key, info = replayer.prepare(item)
+                png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+                if options.use_cache and png.is_file():
+                    pixels = np.array(Image.open(png).convert("RGB"))
+                else:
+                    pixels = replayer.replay(item).pixels
+                    save_png_atomic(png, pixels)
+                score = score_replay(preview_path, pixels, options.thresholds)
         except InputError:
             raise
         except Exception as exc:  # a crash in one replay is reported, not fatal to the run
@@ -135,29 +143,32 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                 "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
                 {"residuals": info["residuals"]},
             ))
-        causes = finding_causes(score) + causes
+        if options.pipeline == "aitoolkit":
+            causes = finding_causes(score) + causes
         if info["lora_problem"]:
             causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
         results.append(PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
                                      causes=causes, preview_path=preview_path, replay_png=png))
 
-    floor = noise_floor(results)
+    floor = noise_floor(results) if options.pipeline == "aitoolkit" else None
     if floor is not None:
         for result in results:
             if result.score is not None and (cause := floor_cause(result, floor)) is not None:
                 result.causes.append(cause)
-    if options.diagnose:
+    if options.diagnose and options.pipeline == "aitoolkit":
         by_file = {item.file: item for item in items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
         base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in results)
         stop_at = "EXACT" if base_exact else "PASS"
         for result in results:
-            if result.score is None or result.score.verdict.value not in ("DRIFT", "FAIL"):
+            if not needs_diagnosis(result, stop_at):
                 continue
             if progress:
                 progress(f"diagnosing {result.preview_file}")
             diagnosed, _ = bisect(replayer, plan, job, by_file[result.preview_file], result.preview_path,
                                   result.score.metrics.ssim, options.thresholds, options.diagnose_budget, stop_at)
+            if result.score.verdict.value == "PASS":  # a near miss: keep what explains it, not the LoRA note
+                diagnosed = [c for c in diagnosed if c.code != "lora_effect"]
             keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
             rest = [c for c in result.causes if c.code != "lora_keys_unmatched"]
             result.causes = keys + diagnosed + rest
@@ -171,7 +182,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         base_model=replayer.base_model_path(),
         device=options.replay.device,
         dtype=replayer.dtype_name,
-        pipeline_profile=PIPELINE_PROFILE,
+        pipeline_profile=PIPELINE_PROFILES[options.pipeline],
         noise_algorithm=replayer.noise_algorithm,
         noise_algorithm_reason=replayer.noise_reason,
         thresholds=options.thresholds,
@@ -181,12 +192,40 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     )
 
 
+def serve(replayer, plan, job, item, preview_path, replays_dir, options):
+    """``--pipeline server``: the server's output (JPEG q95 as a client gets it), scored against the preview,
+    and the FACTS §6 departures that change it."""
+    from parity.server import departure_causes, server_pixels, server_request
+
+    request = server_request(plan, job, item)
+    _, info = replayer.prepare(request.item, knobs=request.knobs)
+    pixels = server_pixels(replayer, request)
+    png = replays_dir / f"{Path(item.file).stem}-server.png"
+    save_png_atomic(png, pixels)
+    score = score_replay(preview_path, pixels, options.thresholds)
+    _, departures = departure_causes(replayer, plan, job, item, preview_path, options.thresholds)
+    info["residuals"] = []
+    return score, png, info, departures
+
+
+def needs_diagnosis(result: PreviewResult, stop_at: str) -> bool:
+    """DRIFT and FAIL always; a PASS too where this machine replays exactly and no residual is predicted."""
+    if result.score is None:
+        return False
+    verdict = result.score.verdict.value
+    if verdict in ("DRIFT", "FAIL"):
+        return True
+    predicted = any(c.code == "predicted_residual" for c in result.causes)
+    return verdict == "PASS" and stop_at == "EXACT" and not predicted
+
+
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 def rank(causes: list[Cause]) -> list[Cause]:
-    """Errors first, then warnings, then notes; within a severity the order found (diagnosis ranks its own)."""
-    return sorted(causes, key=lambda c: SEVERITY_ORDER.get(c.severity, 3))
+    """LoRA keys that load nowhere first (nothing else is meaningful then), then errors, warnings and notes;
+    within a severity the order found (diagnosis ranks its own)."""
+    return sorted(causes, key=lambda c: (c.code != "lora_keys_unmatched", SEVERITY_ORDER.get(c.severity, 3)))
 
 
 def guard_out_dir(out: Path, job_dir: Path) -> None:

@@ -139,7 +139,9 @@ def candidate_flips(plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_
                           title=f"the preview was made with seed {seed}",
                           fix="Use the seed the previews were made with (walk_seed adds the prompt index)."))
     # 8. Guidance and steps.
-    for g in GUIDANCE_VALUES + tuple(item.guidance_scale + d for d in (-1, -0.5, 0.5, 1)):
+    guidances = sorted(set(GUIDANCE_VALUES + tuple(item.guidance_scale + d for d in (-1, -0.5, 0.5, 1))),
+                       key=lambda g: abs(g - item.guidance_scale))
+    for g in guidances:
         if item.guidance_scale is not None and g > 0 and abs(g - item.guidance_scale) > 1e-9:
             flips.append(Flip("guidance_changed", f"guidance {g:g} instead of {item.guidance_scale:g}",
                               replace(item, guidance_scale=float(g)),
@@ -170,6 +172,17 @@ def candidate_flips(plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_
     return flips
 
 
+# Knobs that change the whole picture (an unrelated image) vs. those that keep its composition.
+PICTURE_KNOBS = ("size_changed", "walk_seed_changed", "seed_changed", "noise_algorithm")
+
+
+def order_by_likelihood(flips: list[Flip], baseline_ssim: float) -> list[Flip]:
+    """An unrelated picture (low SSIM) is most likely a seed, size or noise change; the same picture with
+    drift is most likely guidance, steps, the negative, the trigger word or the weights. Order stays stable."""
+    unrelated = baseline_ssim < 0.5
+    return sorted(flips, key=lambda f: (f.knob in PICTURE_KNOBS) != unrelated)
+
+
 def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_path: Path,
            baseline_ssim: float, thresholds: Thresholds, budget: int = 80, stop_at: str = "EXACT",
            progress: Callable[[str], None] | None = None) -> tuple[list[Cause], list[FlipResult]]:
@@ -180,7 +193,8 @@ def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayIte
     """
     preview = load_rgb(preview_path)
     size = (preview.shape[1], preview.shape[0])
-    flips = candidate_flips(plan, job, item, size, replayer.noise_algorithm)[:budget]
+    flips = order_by_likelihood(candidate_flips(plan, job, item, size, replayer.noise_algorithm), baseline_ssim)
+    flips = flips[:budget]
     results: list[FlipResult] = []
     lora_effect = None
     for flip in flips:
