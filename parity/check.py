@@ -23,7 +23,7 @@ from parity.jobfolder import read_job_folder
 from parity.plan import ReplayItem, ReplayPlan, build_plan
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
-from parity.scores import Thresholds, score_replay
+from parity.scores import Thresholds, load_rgb, score_replay
 
 PIPELINE_PROFILES = {
     "aitoolkit": "aitoolkit-omnigen2-preview",  # reproduce the training previews
@@ -41,6 +41,7 @@ class CheckOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     use_cache: bool = True
     pipeline: str = "aitoolkit"  # "server": score ai-toolkit-inference's rendering instead (FACTS §6)
+    images_dir: Path | None = None  # score images made elsewhere (named like the previews) instead of replays
     diagnose: bool = True  # flip knobs for every preview that does not pass
     diagnose_budget: int = 80  # most replays per preview when diagnosing
 
@@ -113,8 +114,18 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
             continue
         if progress:
             progress(item.file)
+        external = find_external_image(options.images_dir, item.file) if options.images_dir else None
+        if options.images_dir and external is None:
+            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
+                                         f"no image named like {Path(item.file).stem} in {options.images_dir}",
+                                         causes=causes, preview_path=preview_path))
+            continue
         try:
-            if options.pipeline == "server":
+            if external is not None:
+                _, info = replayer.prepare(item)
+                png = external
+                score = score_replay(preview_path, load_rgb(external), options.thresholds)
+            elif options.pipeline == "server":
                 score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
                 causes = departures + causes
             else:
@@ -159,14 +170,21 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         by_file = {item.file: item for item in items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
         base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in results)
-        stop_at = "EXACT" if base_exact else "PASS"
+        stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
         for result in results:
             if not needs_diagnosis(result, stop_at):
                 continue
             if progress:
                 progress(f"diagnosing {result.preview_file}")
-            diagnosed, _ = bisect(replayer, plan, job, by_file[result.preview_file], result.preview_path,
-                                  result.score.metrics.ssim, options.thresholds, options.diagnose_budget, stop_at)
+            target, baseline = result.preview_path, result.score.metrics.ssim
+            if options.images_dir:
+                # An outside image: find which knob makes our replay reproduce IT (the tool's departure).
+                target = result.replay_png
+                own = replayer.replay(by_file[result.preview_file]).pixels
+                baseline = score_replay(target, own, options.thresholds).metrics.ssim
+            diagnosed, _ = bisect(replayer, plan, job, by_file[result.preview_file], target,
+                                  baseline, options.thresholds, options.diagnose_budget, stop_at,
+                                  target_name="the outside image" if options.images_dir else "the preview")
             if result.score.verdict.value == "PASS":  # a near miss: keep what explains it, not the LoRA note
                 diagnosed = [c for c in diagnosed if c.code != "lora_effect"]
             keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
@@ -206,6 +224,21 @@ def serve(replayer, plan, job, item, preview_path, replays_dir, options):
     _, departures = departure_causes(replayer, plan, job, item, preview_path, options.thresholds)
     info["residuals"] = []
     return score, png, info, departures
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def find_external_image(folder: Path, preview_file: str) -> Path | None:
+    """The image in ``folder`` made for ``preview_file``: same file name, or same stem with any image suffix."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "--images folder not found")
+    stem = Path(preview_file).stem
+    for candidate in [folder / preview_file] + [folder / f"{stem}{suffix}" for suffix in IMAGE_SUFFIXES]:
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def needs_diagnosis(result: PreviewResult, stop_at: str) -> bool:

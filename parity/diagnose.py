@@ -185,7 +185,8 @@ def order_by_likelihood(flips: list[Flip], baseline_ssim: float) -> list[Flip]:
 
 def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_path: Path,
            baseline_ssim: float, thresholds: Thresholds, budget: int = 80, stop_at: str = "EXACT",
-           progress: Callable[[str], None] | None = None) -> tuple[list[Cause], list[FlipResult]]:
+           progress: Callable[[str], None] | None = None, target_name: str = "the preview",
+           ) -> tuple[list[Cause], list[FlipResult]]:
     """Flip knobs one at a time for a preview that does not match; returns ranked causes and every result.
 
     ``stop_at`` is the verdict that counts as explained: EXACT where this machine reproduces the step-0
@@ -213,7 +214,7 @@ def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayIte
             break
     causes = rank_causes(results, baseline_ssim, thresholds, stop_at)
     if lora_effect is not None:
-        causes.append(lora_effect_cause(lora_effect, baseline_ssim, item))
+        causes.append(lora_effect_cause(lora_effect, baseline_ssim, item, target_name))
     return causes, results
 
 
@@ -240,21 +241,22 @@ def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thr
     return causes
 
 
-def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem) -> Cause:
-    """Say plainly what the LoRA does to this preview: LoRA on vs off, both against the preview."""
+def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem,
+                      target_name: str = "the preview") -> Cause:
+    """Say plainly what the LoRA does to this image: LoRA on vs off, both against ``target_name``."""
     off = result.ssim
     if off > baseline_ssim + 0.02:
-        title = "the preview is closer to the base model WITHOUT the LoRA"
+        title = f"{target_name} is closer to the base model WITHOUT the LoRA"
         severity = "error"
     elif abs(off - baseline_ssim) <= 0.02:
         title = "LoRA on and off give the same agreement: the LoRA barely changes this preview"
         severity = "warning"
     else:
-        title = "the LoRA's effect is visible: the preview is closer to the replay with it"
+        title = f"the LoRA's effect is visible: {target_name} is closer to the replay with it"
         severity = "info"
     return Cause(
         "lora_effect", severity, title,
-        f"against the preview, SSIM with the LoRA {baseline_ssim:.2f}, without it {off:.2f}",
+        f"against {target_name}, SSIM with the LoRA {baseline_ssim:.2f}, without it {off:.2f}",
         "If the LoRA has no effect, check that its keys load and that training moved it (parity lora FILE).",
         {"ssim_lora_on": round(baseline_ssim, 4), "ssim_lora_off": round(off, 4), "step": item.step},
     )
