@@ -158,6 +158,13 @@ def check_command(
     kernels: Annotated[str, typer.Option(help="GPU kernel set: torch (SDPA) or flash (flash-attn).")] = "torch",
     no_drift: Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")] = False,
+    pipeline: Annotated[
+        str, typer.Option(help="aitoolkit (reproduce the previews) or server (render as ai-toolkit-inference does).")
+    ] = "aitoolkit",
+    diagnose: Annotated[bool, typer.Option(help="Flip knobs to name the cause of each mismatch.")] = True,
+    images: Annotated[
+        Path | None, typer.Option(help="Score images made elsewhere (named like the previews) instead of replays.")
+    ] = None,
     ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.")] = None,
     psnr_pass: Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at least this.")] = None,
     ssim_drift: Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.")] = None,
@@ -196,8 +203,10 @@ def check_command(
                              lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
                              kernel_profile=kernels),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
-        use_cache=not no_cache,
+        use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
     )
+    if pipeline not in ("aitoolkit", "server"):
+        raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
     _check_noise_name(noise)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
