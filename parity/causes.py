@@ -6,6 +6,6 @@ The rules live in one registry, :mod:`parity.lint`; this module keeps the names 
 
 from __future__ import annotations
 
-from parity.lint import item_causes, lora_keys_cause
+from parity.lint import LintContext, item_causes, lora_keys_cause
 
-__all__ = ["item_causes", "lora_keys_cause"]
+__all__ = ["LintContext", "item_causes", "lora_keys_cause"]

@@ -262,26 +262,6 @@ def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem
     )
 
 
-def finding_causes(score) -> list[Cause]:
-    """Causes read from the scoring itself: a preview file re-encoded or resized after ai-toolkit saved it."""
-    causes = []
-    for finding in score.findings:
-        if finding.code == "not_aitoolkit_default":
-            causes.append(Cause(
-                "preview_reencoded", "warning", "the preview file is not as ai-toolkit saved it",
-                finding.message + ". A preview re-saved after training carries a second compression.",
-                "Compare against the original preview files from the job folder.",
-                dict(finding.data),
-            ))
-        elif finding.code == "size_mismatch":
-            causes.append(Cause(
-                "preview_resized", "warning", "the preview file's size is not the size it was generated at",
-                finding.message, "Compare against the original preview files, or restore the config's size.",
-                dict(finding.data),
-            ))
-    return causes
-
-
 def noise_floor(items) -> tuple[float, float] | None:
     """The step-0 (base-only) drift of this machine: (lowest SSIM, highest mean abs diff); None without step 0."""
     base = [i for i in items if i.step == 0 and i.score is not None]

@@ -1018,12 +1018,17 @@ def _ir_per_prompt_multiplier(plan, item, ctx):
 # running the rules
 
 
-def item_causes(plan: ReplayPlan, item: ReplayItem) -> list[Cause]:
-    """Every settings-readable cause that applies to ``item`` (the ``in_check`` rules, in registry order)."""
-    ctx = LintContext()
+def item_causes(plan: ReplayPlan, item: ReplayItem, ctx: LintContext | None = None) -> list[Cause]:
+    """Every cause readable without a replay that applies to ``item``, in registry order.
+
+    Without ``ctx`` only the ``in_check`` rules (plan and item alone); with the job folder's context every
+    preview-scope rule (files, previews, checkpoints), except the LoRA key match that ``parity check`` reports
+    from the replay itself.
+    """
     causes = []
     for r in RULES:
-        if r.in_check and (finding := r.applies(plan, item, ctx)) is not None:
+        wanted = r.in_check or (ctx is not None and r.scope == "preview" and r.code != "lora_keys_unmatched")
+        if wanted and (finding := r.applies(plan, item, ctx or LintContext())) is not None:
             causes.append(r.cause(finding))
     return causes
 
