@@ -46,6 +46,14 @@ def test_oracle_verdicts_exact_where_proven_and_never_fail(reports):
         assert report.noise_algorithm == "torch2.13-avx2"
 
 
+def test_every_non_exact_preview_names_its_residual(reports):
+    for report in reports.values():
+        for item in report.items:
+            if item.outcome.value == "PASS":
+                codes = {c.code for c in item.causes}
+                assert codes & {"predicted_residual", "kernel_residual"}, (item.preview_file, codes)
+
+
 def test_passing_merged_rounds_name_their_residual(reports):
     for item in reports["og2_basic"].items:
         codes = {c.code for c in item.causes}
