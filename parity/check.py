@@ -2,20 +2,25 @@
 
 Replays are cached under ``<out>/replays/`` by a key of everything that determines their pixels and written
 atomically as each one finishes, so a re-run reuses them and a run killed half way loses nothing finished.
+Each replay's decode, PNG and scores finish on a worker thread while the next replay runs on the GPU. Under
+``torchrun`` the replays are shared between the ranks and rank 0 writes the report (``parity/distributed.py``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from parity import __version__
+from parity import __version__, distributed
 from parity.causes import LintContext, item_causes, lora_keys_cause
 from parity.diagnose import bisect, floor_cause, noise_floor
 from parity.errors import InputError
@@ -95,72 +100,108 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     replays_dir = out / "replays"
     samples = Path(plan.job_dir) / "samples"
 
+    dist = distributed.current()
+    clock = PhaseClock(dist.rank)
+
     def ssim_of(item: ReplayItem, pixels: np.ndarray) -> float:
         return score_replay(samples / item.file, pixels, options.thresholds).metrics.ssim
+
+    fresh: dict[str, np.ndarray] = {}  # probe replays of the noise choice, by cache key: reused, never redone
+
+    def keep_probe(item: ReplayItem, algorithm: str, replay) -> None:
+        fresh[replay.key] = replay.pixels
+        save_png_atomic(replays_dir / f"{Path(item.file).stem}-{replay.key[:16]}.png", replay.pixels)
+
+    def merged(scores: dict) -> dict:
+        return {name: values for part in dist.all_gather(scores) for name, values in part.items()}
 
     replayable = [i for i in items if i.replayable]
     if replayable:
         replayer.load()
+        clock.mark("load")
         if progress:
             progress("choosing the noise algorithm")
-        replayer.choose_noise_algorithm(ssim_of)
+        plain = options.pipeline == "aitoolkit" and not options.images_dir
+        replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
+                                        on_replay=keep_probe if plain else None)
+        clock.mark("noise choice")
 
-    results = []
-    for item in items:
-        preview_path = samples / item.file
-        causes = item_causes(plan, item, lint)
-        if not item.replayable:
-            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
-                                         item.reason, causes=causes, preview_path=preview_path))
-            continue
-        if progress:
-            progress(item.file)
-        external = find_external_image(options.images_dir, item.file) if options.images_dir else None
-        if options.images_dir and external is None:
-            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
-                                         f"no image named like {Path(item.file).stem} in {options.images_dir}",
-                                         causes=causes, preview_path=preview_path))
-            continue
+    # This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones).
+    replay_indices = [i for i, item in enumerate(items) if item.replayable]
+    shares = distributed.shard([distributed.replay_cost(items[i]) for i in replay_indices], dist.world)
+    mine = {replay_indices[j] for j in shares[dist.rank]}
+    if dist.is_main:
+        mine |= {i for i, item in enumerate(items) if not item.replayable}
+
+    def finish(item, causes, preview_path, info, png, get_pixels, save: bool) -> PreviewResult:
+        """Pixels -> PNG (when new) -> score -> result; runs on the worker thread, overlapping the next replay."""
         try:
-            if external is not None:
-                _, info = replayer.prepare(item)
-                png = external
-                score = score_replay(preview_path, load_rgb(external), options.thresholds)
-            elif options.pipeline == "server":
-                score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
-                causes = departures + causes
-            else:
-                key, info = replayer.prepare(item)
-                png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
-                if options.use_cache and png.is_file():
-                    pixels = np.array(Image.open(png).convert("RGB"))
-                else:
-                    pixels = replayer.replay(item).pixels
-                    save_png_atomic(png, pixels)
-                score = score_replay(preview_path, pixels, options.thresholds)
+            pixels = get_pixels()
+            if save:
+                save_png_atomic(png, pixels)
+            score = score_replay(preview_path, pixels, options.thresholds)
         except InputError:
             raise
-        except Exception as exc:  # a crash in one replay is reported, not fatal to the run
-            results.append(PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
-                                         causes=causes, preview_path=preview_path,
-                                         error=f"{type(exc).__name__}: {exc}"))
-            continue
-        settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
-        if info["residuals"] and score.verdict.value != "EXACT":
-            causes.append(Cause(
-                "predicted_residual", "info",
-                "expected residual: " + ", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),
-                "The job's files do not carry the exact weights the preview was made with, so a small difference "
-                "remains even with a perfect replay: " + "; ".join(info["residuals"]) + ".",
-                "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
-                {"residuals": info["residuals"]},
-            ))
-        if info["lora_problem"]:
-            causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
-        results.append(PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
-                                     causes=causes, preview_path=preview_path, replay_png=png))
+        except Exception as exc:
+            return PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
+                                 causes=causes, preview_path=preview_path, error=f"{type(exc).__name__}: {exc}")
+        return scored_result(item, causes, preview_path, info, png, score)
 
-    floor = noise_floor(results) if options.pipeline == "aitoolkit" else None
+    by_index: dict[int, PreviewResult] = {}
+    finishing: list[tuple[int, Future]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-finish") as worker:
+        for index, item in enumerate(items):
+            if index not in mine:
+                continue
+            preview_path = samples / item.file
+            causes = item_causes(plan, item, lint)
+            if not item.replayable:
+                by_index[index] = PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
+                                                item.reason, causes=causes, preview_path=preview_path)
+                continue
+            if progress:
+                progress(item.file)
+            external = find_external_image(options.images_dir, item.file) if options.images_dir else None
+            if options.images_dir and external is None:
+                by_index[index] = PreviewResult(
+                    item.file, item.step, item.prompt_index, settings_of(item), False,
+                    f"no image named like {Path(item.file).stem} in {options.images_dir}",
+                    causes=causes, preview_path=preview_path)
+                continue
+            try:
+                if external is not None:
+                    _, info = replayer.prepare(item)
+                    score = score_replay(preview_path, load_rgb(external), options.thresholds)
+                    by_index[index] = scored_result(item, causes, preview_path, info, external, score)
+                elif options.pipeline == "server":
+                    score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
+                    by_index[index] = scored_result(item, departures + causes, preview_path, info, png, score)
+                else:
+                    key, info = replayer.prepare(item)
+                    png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+                    if key in fresh:
+                        get, save = (lambda k=key: fresh.pop(k)), False
+                    elif options.use_cache and png.is_file():
+                        get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
+                    else:  # queue the replay; its decode, PNG and score finish while the next one runs
+                        get, save = replayer.replay(item, deferred=True).wait, True
+                    finishing.append((index, worker.submit(finish, item, causes, preview_path, info, png, get, save)))
+            except InputError:
+                raise
+            except Exception as exc:  # a crash in one replay is reported, not fatal to the run
+                by_index[index] = PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
+                                                causes=causes, preview_path=preview_path,
+                                                error=f"{type(exc).__name__}: {exc}")
+        for index, future in finishing:
+            by_index[index] = future.result()
+    clock.mark(f"replays ({len(finishing)} new or cached)")
+
+    # The noise floor and "does this machine replay step 0 exactly" come from every rank's step-0 results.
+    step0 = [r for part in dist.all_gather([r for r in by_index.values() if r.step == 0]) for r in part]
+    results = [by_index[i] for i in sorted(by_index)]
+    clock.mark("step-0 exchange")
+
+    floor = noise_floor(step0) if options.pipeline == "aitoolkit" else None
     if floor is not None:
         for result in results:
             if result.score is not None and (cause := floor_cause(result, floor)) is not None:
@@ -168,7 +209,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     if options.diagnose and options.pipeline == "aitoolkit":
         by_file = {item.file: item for item in items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
-        base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in results)
+        base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in step0)
         stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
         for result in results:
             if not needs_diagnosis(result, stop_at):
@@ -200,6 +241,18 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     for result in results:
         result.causes = rank(result.causes)
 
+    clock.mark("diagnosis")
+    # Rank 0 gathers every rank's results, in plan order; the other ranks report their own share.
+    if dist.world > 1:
+        gathered = dist.gather(sorted(zip(sorted(by_index), results, strict=True), key=lambda pair: pair[0]))
+        if gathered is not None:
+            results = [r for _, r in sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])]
+    clock.mark("gather")
+    warnings = list(plan.warnings)
+    profile = PIPELINE_PROFILES[options.pipeline]
+    if options.replay.fast:
+        profile += " (--fast)"
+        warnings.insert(0, FAST_WARNING)
     return CheckReport(
         tool_version=__version__,
         job_dir=str(plan.job_dir),
@@ -207,14 +260,55 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         base_model=replayer.base_model_path(),
         device=options.replay.device,
         dtype=replayer.dtype_name,
-        pipeline_profile=PIPELINE_PROFILES[options.pipeline],
+        pipeline_profile=profile,
         noise_algorithm=replayer.noise_algorithm,
         noise_algorithm_reason=replayer.noise_reason,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,
-        warnings=list(plan.warnings),
+        warnings=warnings,
     )
+
+
+class PhaseClock:
+    """Seconds per phase of a run, printed to stderr when ``PARITY_TIMINGS`` is set (scale-out measurements)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.on = bool(os.environ.get("PARITY_TIMINGS"))
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.on:
+            print(f"[rank {self.rank}] {phase}: {now - self.last:.2f}s", file=sys.stderr, flush=True)
+        self.last = now
+
+
+FAST_WARNING = (
+    "--fast: replays ran with batched CFG, maskless attention, float32 rotary and (on CUDA) torch.compile, so "
+    "their last bits differ from ai-toolkit's: no EXACT verdict is expected, and a PASS/DRIFT boundary case may "
+    "move; rerun without --fast for the bit-exact replay"
+)
+
+
+def scored_result(item, causes, preview_path, info, png, score) -> PreviewResult:
+    """A scored preview's result, with the residual the files predict and unmatched LoRA keys among its causes."""
+    causes = list(causes)
+    settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
+    if info["residuals"] and score.verdict.value != "EXACT":
+        causes.append(Cause(
+            "predicted_residual", "info",
+            "expected residual: " + ", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),
+            "The job's files do not carry the exact weights the preview was made with, so a small difference "
+            "remains even with a perfect replay: " + "; ".join(info["residuals"]) + ".",
+            "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
+            {"residuals": info["residuals"]},
+        ))
+    if info["lora_problem"]:
+        causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
+    return PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
+                         causes=causes, preview_path=preview_path, replay_png=png)
 
 
 def serve(replayer, plan, job, item, preview_path, replays_dir, options):

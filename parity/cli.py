@@ -7,6 +7,7 @@ or input error, 3 environment error. ``lint`` exits 0 whatever it finds.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -168,8 +169,19 @@ def check_command(
     ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.")] = None,
     psnr_pass: Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at least this.")] = None,
     ssim_drift: Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.")] = None,
+    fast: Annotated[
+        bool,
+        typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, maskless attention, "
+                     "float32 rotary, torch.compile on CUDA): for CI smoke runs, never EXACT."),
+    ] = False,
+    cuda_graphs: Annotated[
+        bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same pixels).")
+    ] = True,
 ) -> None:
-    """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml."""
+    """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml.
+
+    Under ``torchrun --nproc-per-node N`` the replays are shared between N processes (one GPU each) and rank 0
+    writes the report."""
     from pipelines.omnigen2.cpu_profile import apply_cpu_profile
 
     if fail_on not in ("fail", "drift"):
@@ -201,13 +213,28 @@ def check_command(
     options = CheckOptions(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
                              lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
-                             kernel_profile=kernels),
+                             kernel_profile=kernels, fast=fast, cuda_graphs=cuda_graphs),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
         use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
     )
     if pipeline not in ("aitoolkit", "server"):
         raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
     _check_noise_name(noise)
+    from parity import distributed
+
+    dist = distributed.current()
+    if dist.world > 1:  # torchrun: no progress bars from N processes; rank 0 writes the report
+        report = run_check(job_dir, options)
+        if not dist.is_main:
+            raise typer.Exit(0)
+        import time
+
+        start = time.perf_counter()
+        paths = write_reports(report, out)
+        if os.environ.get("PARITY_TIMINGS"):
+            print(f"[rank 0] reports: {time.perf_counter() - start:.2f}s", file=sys.stderr)
+        _print_summary(report, paths)
+        raise typer.Exit(report.exit_code)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -225,7 +252,12 @@ def check_command(
         total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable)
         bar.update(task, total=total)
         report = run_check(job_dir, options, progress=step)
+    import time
+
+    start = time.perf_counter()
     paths = write_reports(report, out)
+    if os.environ.get("PARITY_TIMINGS"):
+        print(f"[rank 0] reports: {time.perf_counter() - start:.2f}s", file=sys.stderr)
     _print_summary(report, paths)
     raise typer.Exit(report.exit_code)
 

@@ -36,6 +36,10 @@ class ReplayOptions:
     lora_overrides: dict[int, Path] = field(default_factory=dict)  # step -> LoRA file used instead
     reproduce_drift: bool = True  # replay earlier merge/un-merge rounds onto the base
     kernel_profile: str = "torch"
+    # --fast: batched CFG, maskless attention, float32 rotary, torch.compile on CUDA: last bits may differ
+    fast: bool = False
+    cuda_graphs: bool = True  # capture each denoising step as a CUDA graph (same kernels, same bits)
+    compile: bool | None = None  # torch.compile the --fast blocks (default: with --fast on CUDA)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,14 @@ class Replay:
     weights: str  # what the transformer ran with, in words
     residuals: list[str]  # known sources of difference that the files cannot remove
     lora_problem: str | None = None  # unmatched LoRA keys, named
+    pending: object | None = None  # deferred replays: PendingPixels (pixels is None until ``wait``)
+
+    def wait(self) -> np.ndarray:
+        """The pixels, waiting for a deferred replay's decode and copy if needed."""
+        if self.pixels is None:
+            self.pixels = self.pending.result()
+            self.pending = None
+        return self.pixels
 
 
 def torch_dtype_name(name: str) -> str:
@@ -136,7 +148,11 @@ class Replayer:
             quantize_module(components.mllm, self.plan.qtype_te, "text encoder")
         if self.plan.quantize:
             quantize_module(components.transformer, self.plan.qtype, "transformer")
-        self._pipe = OmniGen2Pipeline(components)
+        on_cuda = torch.device(self.options.device).type == "cuda"
+        graphs = self.options.cuda_graphs and on_cuda and not self.plan.quantize  # quanto layers: not captured
+        self._pipe = OmniGen2Pipeline(components, fast=self.options.fast, cuda_graphs=graphs)
+        compile_fast = self.options.compile if self.options.compile is not None else on_cuda
+        components.transformer.compile_fast = bool(self.options.fast and compile_fast)
         self._patcher = LoraPatcher(components.transformer)
         self._base_fingerprint = model_fingerprint(root)
 
@@ -222,9 +238,18 @@ class Replayer:
             if rounded:
                 residuals.append(f"merge drift replayed from float16 checkpoints ({', '.join(rounded)}), not the fp32 weights")
         if state != self._state:
-            patcher.restore()
-            for hpath, hm in history:
-                patcher.replay_merge_history([(self.read_lora(hpath), hm)])
+            previous = self._state
+            if (previous is not None and previous[1] and previous[4] == "aitoolkit" and not server and merged
+                    and previous[0] != "None" and history[:-1] == list(previous[3])
+                    and history[-1:] == [(Path(previous[0]), previous[2])]):
+                # The next merged round after the one in place: its merge-out is exactly the newest round of
+                # this history (same LoRA, same multiplier, same base), so only that and the new merge remain
+                # instead of a restore and every earlier round again.
+                patcher.merge_out(self.read_lora(Path(previous[0])), previous[2])
+            else:
+                patcher.restore()
+                for hpath, hm in history:
+                    patcher.replay_merge_history([(self.read_lora(hpath), hm)])
             if path is not None:
                 lora = self.read_lora(path)
                 if server:
@@ -244,8 +269,16 @@ class Replayer:
         return weights, residuals, problem, key_parts
 
     # -- noise ---------------------------------------------------------------------------------------------
-    def choose_noise_algorithm(self, score_fn, max_previews: int = 2) -> tuple[str, str]:
-        """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best."""
+    def choose_noise_algorithm(
+        self, score_fn, max_previews: int = 2, part: tuple[int, int] = (0, 1), gather=None, on_replay=None
+    ) -> tuple[str, str]:
+        """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best.
+
+        Several processes share the work: ``part = (rank, world)`` replays every ``world``-th (candidate, probe)
+        pair and ``gather`` (a dict of scores -> the merged dict of every rank) joins them; every rank then picks
+        the same.
+        ``on_replay(item, algorithm, replay)`` sees each probe replay (to cache it: the winner's are reused).
+        """
         from pipelines.omnigen2 import noise
 
         if self.noise_algorithm != "auto":
@@ -257,16 +290,25 @@ class Replayer:
             self.noise_algorithm = native
             self.noise_reason = "no step-0 preview to choose from: this torch's own draw"
             return self.noise_algorithm, self.noise_reason
-        scores: dict[str, list[float]] = {}
-        seen: dict[bytes, str] = {}
+        names: list[str] = []
+        seen: set[bytes] = set()
         for name in NOISE_CANDIDATES:
-            sample = self._noise_for(probes[0], name)
-            fingerprint = sample.float().numpy().tobytes()
-            if fingerprint in seen:  # identical draws: same algorithm for this dtype
-                continue
-            seen[fingerprint] = name
-            scores[name] = [score_fn(item, self.replay(item, name).pixels) for item in probes]
-        ranked = sorted(scores.items(), key=lambda kv: -float(np.mean(kv[1])))
+            fingerprint = self._noise_for(probes[0], name).float().numpy().tobytes()
+            if fingerprint not in seen:  # identical draws: same algorithm for this dtype
+                seen.add(fingerprint)
+                names.append(name)
+        found: dict[tuple[str, int], float] = {}
+        units = [(name, index) for name in names for index in range(len(probes))]
+        for name, index in units[part[0] :: part[1]]:  # this process's share of (candidate, probe) replays
+            item = probes[index]
+            replay = self.replay(item, name)
+            if on_replay is not None:
+                on_replay(item, name, replay)
+            found[(name, index)] = score_fn(item, replay.pixels)
+        if gather is not None:
+            found = gather(found)
+        scores = {name: [found[(name, index)] for index in range(len(probes))] for name in names}
+        ranked = sorted(scores.items(), key=lambda kv: (-float(np.mean(kv[1])), names.index(kv[0])))
         best, best_scores = ranked[0]
         self.noise_algorithm = best
         runner = (
@@ -332,6 +374,8 @@ class Replayer:
             "quantize": [self.plan.quantize, self.plan.qtype, self.plan.quantize_te, self.plan.qtype_te],
             "knobs": knobs.changed(),
         }
+        if self.options.fast:
+            fields["mode"] = "fast"
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     def prepare(self, item: ReplayItem, algorithm: str | None = None, knobs: Knobs = Knobs()) -> tuple[str, dict]:
@@ -341,8 +385,11 @@ class Replayer:
         info = {"weights": weights, "residuals": residuals, "lora_problem": problem, "noise": algorithm}
         return self.cache_key(item, algorithm, parts, knobs), info
 
-    def replay(self, item: ReplayItem, algorithm: str | None = None, knobs: Knobs = Knobs()) -> Replay:
-        """Replay ``item`` (which must be replayable) with ``knobs`` and return its pixels."""
+    def replay(
+        self, item: ReplayItem, algorithm: str | None = None, knobs: Knobs = Knobs(), deferred: bool = False
+    ) -> Replay:
+        """Replay ``item`` (which must be replayable) with ``knobs`` and return its pixels. ``deferred``: return
+        once the decode is queued; ``Replay.wait()`` gives the pixels (from any thread)."""
         if not item.replayable:
             raise ValueError(f"{item.file} is not replayable: {item.reason}")
         algorithm = algorithm or self.noise_algorithm
@@ -350,11 +397,12 @@ class Replayer:
             raise ValueError("choose the noise algorithm first (choose_noise_algorithm)")
         key, info = self.prepare(item, algorithm, knobs)
         self._select_text_encoder(knobs)
-        output = self.pipeline(self.request(item, algorithm, knobs))
+        generation = knobs.output_size == "generation" and quirks_generation_size(item) != (item.width, item.height)
+        output = self.pipeline(self.request(item, algorithm, knobs), deferred=deferred and not generation)
         pixels = output.pixels
-        if knobs.output_size == "generation" and output.generation_size != (item.width, item.height):
+        if generation:
             pixels = generation_size_output(self.pipeline, output)
-        return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"])
+        return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"], pending=output.pending)
 
     def _select_text_encoder(self, knobs: Knobs) -> None:
         """Swap in a quantised (or plain) text encoder when the knob asks for the other one."""
@@ -372,6 +420,12 @@ class Replayer:
                 quantize_module(fresh, self.plan.qtype_te or "qfloat8", "text encoder")
             self._mllm_variants[want] = fresh
         components.mllm = self._mllm_variants[want]
+
+
+def quirks_generation_size(item: ReplayItem) -> tuple[int, int]:
+    from pipelines.omnigen2 import quirks
+
+    return quirks.generation_size(int(item.width), int(item.height))
 
 
 def generation_size_output(pipe, output) -> np.ndarray:

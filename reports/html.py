@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +178,10 @@ def _cards(report: CheckReport) -> list[Card]:
         )
         if item.score is not None:
             card.metrics = _metric_rows(report, item)
-        _card_images(card)
         cards.append(card)
+    # Encoding four images per preview is most of a big report's time: cards are independent, so in threads.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(_card_images, cards))
     return cards
 
 

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from fixtures import ORACLE_DIR
+from pipelines.omnigen2 import denoise
 from pipelines.omnigen2.loading import load_components
 from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest
-from pipelines.omnigen2.scheduler import FlowMatchEulerScheduler
 
 AITK_PATH = os.environ.get("AI_TOOLKIT_PATH")
 OG2_SRC = Path(AITK_PATH or ".") / "extensions_built_in" / "diffusion_models" / "omnigen2" / "src"
@@ -206,7 +206,7 @@ def test_denoising_latents_and_image_equal_ai_toolkits_at_every_step(monkeypatch
     r = request_
     their_steps, our_steps, their_noise = [], [], []
     _record_outputs(monkeypatch, theirs.scheduler, "step", their_steps)
-    _record_outputs(monkeypatch, FlowMatchEulerScheduler, "step", our_steps)
+    _record_outputs(monkeypatch, denoise, "euler_step", our_steps)  # our loop's Euler step (denoise.py)
     _record_outputs(monkeypatch, theirs, "prepare_latents", their_noise)
 
     cond, uncond = ours.encode_text(r.prompt), ours.encode_text(r.negative_prompt)

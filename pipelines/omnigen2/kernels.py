@@ -64,6 +64,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2)
 
 
+# --fast attention: which SDPA backend ("auto" = PyTorch's own order) and whether SDPA repeats the KV heads itself
+FAST_SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+# Default: cuDNN with unrepeated KV heads on CUDA (fastest measured on an H100, benchmarks/RESULTS.md); PyTorch's own
+# choice with repeated heads on the CPU or wherever cuDNN attention is unavailable.
+_fast_attention = {"backend": "cudnn", "gqa": True, "fallback": True}
+
+
+def set_fast_attention(backend: str = "auto", gqa: bool = False) -> None:
+    """Choose the SDPA backend of ``--fast`` attention (see ``FAST_SDPA_BACKENDS``); ``gqa``: pass the KV heads
+    unrepeated (``enable_gqa``) instead of repeating them first."""
+    if backend not in FAST_SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {backend!r}; choose one of {', '.join(FAST_SDPA_BACKENDS)}")
+    _fast_attention.update(backend=backend, gqa=bool(gqa), fallback=False)
+
+
+def fast_attention_setting() -> dict:
+    return dict(_fast_attention)
+
+
+def _sdpa_context(backend: str):
+    if backend == "auto":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "math": "MATH"}
+    return sdpa_kernel([getattr(SDPBackend, names[backend])])
+
+
+def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts, scale: float) -> torch.Tensor:
+    """``--fast`` attention: SDPA with no mask and, by default, cuDNN's kernel with the KV heads unrepeated
+    (``set_fast_attention``). ``starts`` is None when nothing is padded, else each sample's first valid token
+    (sequences are left-padded): each sample then attends over its own valid slice, still maskless. Padded rows
+    come back as zeros. Shapes as :func:`attention`."""
+    backend, gqa = _fast_attention["backend"], _fast_attention["gqa"]
+    if _fast_attention["fallback"] and (not q.is_cuda or _fast_attention.get("failed")):
+        backend, gqa = "auto", False
+    try:
+        return _attention_fast(q, k, v, starts, scale, backend, gqa)
+    except RuntimeError:
+        if not _fast_attention["fallback"] or backend == "auto":
+            raise
+        _fast_attention["failed"] = True  # no cuDNN attention here: PyTorch's own choice from now on
+        return _attention_fast(q, k, v, starts, scale, "auto", False)
+
+
+def _attention_fast(q, k, v, starts, scale: float, backend: str, gqa: bool) -> torch.Tensor:
+    heads = q.shape[2]
+    repeat = heads // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = gqa and repeat > 1
+    if not gqa:
+        k = k.repeat_interleave(repeat, -3)
+        v = v.repeat_interleave(repeat, -3)
+    extra = {"enable_gqa": True} if gqa else {}
+    with _sdpa_context(backend):
+        if starts is None or not any(starts):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **extra).transpose(1, 2)
+        out = q.new_zeros(q.shape)
+        for i, start in enumerate(starts):
+            out[i : i + 1, :, start:] = F.scaled_dot_product_attention(
+                q[i : i + 1, :, start:], k[i : i + 1, :, start:], v[i : i + 1, :, start:], scale=scale, **extra
+            )
+    return out.transpose(1, 2)
+
+
 def _flash_varlen(q, k, v, key_mask, scale, repeat):
     from flash_attn import flash_attn_varlen_func
 

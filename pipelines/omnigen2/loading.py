@@ -92,11 +92,12 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise ModelLoadError(folder / f"{stem}.safetensors", "no safetensors weights found")
 
 
-def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+def load_state_dict(files: list[Path], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of ``files``, read straight onto ``device`` (no host copy on the way to a GPU)."""
     state = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as handle:
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
                 for key in handle.keys():
                     state[key] = handle.get_tensor(key)
         except Exception as exc:
@@ -112,7 +113,7 @@ def load_transformer(root: Path, dtype: torch.dtype, device: torch.device) -> Om
             model = OmniGen2Transformer(config)
     except ValueError as exc:
         raise ModelLoadError(folder / "config.json", str(exc)) from None
-    state = load_state_dict(safetensors_files(folder, "diffusion_pytorch_model"))
+    state = load_state_dict(safetensors_files(folder, "diffusion_pytorch_model"), device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

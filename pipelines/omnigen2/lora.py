@@ -295,11 +295,20 @@ class LoraPatcher:
             hook = target.register_forward_hook(_side_branch(module, multiplier, target.weight.device))
             self._hooks.append(hook)
             count += 1
+        if count:
+            self._hooks_changed()
         return count
+
+    def _hooks_changed(self) -> None:
+        """Captured CUDA graphs do not see forward hooks: tell the transformer they changed (denoise.py)."""
+        if hasattr(self.transformer, "hooks_epoch"):
+            self.transformer.hooks_epoch += 1
 
     @torch.no_grad()
     def restore(self) -> None:
         """Remove side branches and copy every touched weight back from its pristine snapshot."""
+        if self._hooks:
+            self._hooks_changed()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

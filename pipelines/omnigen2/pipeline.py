@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from pipelines.omnigen2 import noise, quirks
+from pipelines.omnigen2.denoise import StepGraphs, denoise
 from pipelines.omnigen2.loading import Components
+from pipelines.omnigen2.transformer import text_length
 
 
 @dataclass(frozen=True)
@@ -39,26 +41,66 @@ class TextEncoding:
     text: str
     embeds: torch.Tensor
     mask: torch.Tensor
+    length: int | None = None  # valid tokens (the mask's sum), read once per encoding
+
+    def valid_length(self) -> int:
+        if self.length is None:
+            self.length = text_length(self.mask)
+        return self.length
+
+
+class PendingPixels:
+    """The decoded image on its way to the host: ``result()`` waits for it and gives the uint8 pixels.
+
+    The device-to-host copy is queued right after the decode (into pinned memory, with an event), so the caller
+    can queue the next replay at once and finish this one's pixels, PNG and scores on another thread.
+    """
+
+    def __init__(self, image: torch.Tensor):
+        self._event = None
+        if image.is_cuda:
+            self._host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+            self._host.copy_(image, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = image
+        self._pixels: np.ndarray | None = None
+
+    def result(self) -> np.ndarray:
+        if self._pixels is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._pixels = quirks.host_image_to_pixels(self._host)
+            self._host = None
+        return self._pixels
 
 
 @dataclass
 class ReplayOutput:
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # None when deferred: see ``pending``
     generation_size: tuple[int, int]
     initial_latents: torch.Tensor
     cond: TextEncoding
     uncond: TextEncoding | None
     final_latents: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    pending: PendingPixels | None = None
 
 
 class OmniGen2Pipeline:
     """Text-to-image (and one reference image) replays on loaded ``Components``."""
 
-    def __init__(self, components: Components):
+    def __init__(self, components: Components, fast: bool = False, cuda_graphs: bool | None = None):
+        """``fast``: batched CFG, maskless attention, real rotary (last bits differ from ai-toolkit's).
+        ``cuda_graphs``: capture each denoising step as a CUDA graph (default: on CUDA devices)."""
         self.c = components
         self.vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self._text_cache: dict[tuple[str, int, int], TextEncoding] = {}
+        self.fast = fast
+        if cuda_graphs is None:
+            cuda_graphs = torch.device(components.device).type == "cuda"
+        self.graphs = StepGraphs() if cuda_graphs else None
 
     def check_inputs(self, r: ReplayRequest) -> None:
         if r.width < 16 or r.height < 16:
@@ -82,12 +124,15 @@ class OmniGen2Pipeline:
             mask = tokens.attention_mask.to(self.c.device)
             hidden = self.c.mllm(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             # ai-toolkit casts the embeddings AND the mask to the model dtype before the transformer.
-            self._text_cache[key] = TextEncoding(text, hidden.to(self.c.dtype), mask.to(self.c.dtype))
+            encoding = TextEncoding(text, hidden.to(self.c.dtype), mask.to(self.c.dtype))
+            encoding.valid_length()  # the one host sync per encoding
+            self._text_cache[key] = encoding
         return self._text_cache[key]
 
     @torch.no_grad()
-    def __call__(self, r: ReplayRequest, latents: torch.Tensor | None = None) -> ReplayOutput:
-        """Replay ``r``; ``latents`` replaces the drawn initial noise when given (same shape)."""
+    def __call__(self, r: ReplayRequest, latents: torch.Tensor | None = None, deferred: bool = False) -> ReplayOutput:
+        """Replay ``r``; ``latents`` replaces the drawn initial noise when given (same shape). ``deferred``: return
+        as soon as the decode is queued, with ``pending`` instead of ``pixels``."""
         c = self.c
         # 1. check inputs; the generation size is the 1 MP-capped, floor-16 size
         self.check_inputs(r)
@@ -118,18 +163,24 @@ class OmniGen2Pipeline:
 
         # 6. timesteps with the dynamic shift for this latent size
         scheduler = c.scheduler()
-        timesteps = scheduler.set_timesteps(r.num_inference_steps, shape[-2] * shape[-1], device=c.device)
+        scheduler.set_timesteps(r.num_inference_steps, shape[-2] * shape[-1], device=c.device)
 
-        # 7. denoise: a conditional and (with CFG) an unconditional pass per step
+        # 7. denoise: a conditional and (with CFG) an unconditional pass per step (denoise.py). The caption
+        #    embedder and context refiner see the text alone: computed once here, not at every step.
         uncond_refs = refs if quirks.UNCOND_KEEPS_REFERENCE else []
-        for t in timesteps:
-            timestep = t.expand(1).to(c.dtype)
-            v = c.transformer(latents, timestep, cond.embeds, cond.mask, refs)
-            if use_cfg:
-                v_uncond = c.transformer(latents, timestep, uncond.embeds, uncond.mask, uncond_refs)
-                v = quirks.cfg_combine(v, v_uncond, r.guidance_scale)
-            latents = scheduler.step(v, latents).to(c.dtype)
+        texts = [c.transformer.prepare_text(cond.embeds, cond.mask, cond.valid_length())]
+        ref_lists = [refs]
+        if use_cfg:
+            texts.append(c.transformer.prepare_text(uncond.embeds, uncond.mask, uncond.valid_length()))
+            ref_lists.append(uncond_refs)
+        latents = denoise(
+            c.transformer, latents, scheduler.grid, texts, ref_lists, r.guidance_scale, self.fast, self.graphs
+        ).to(c.dtype)
 
         # 8. decode and resize back to the requested size
-        pixels = quirks.decode_to_pixels(c.vae, latents, r.width, r.height)
+        image = quirks.decode_on_device(c.vae, latents, r.width, r.height)
+        if deferred:
+            return ReplayOutput(None, (gen_w, gen_h), initial, cond, uncond, final_latents=latents,
+                                pending=PendingPixels(image))
+        pixels = quirks.host_image_to_pixels(image.cpu())
         return ReplayOutput(pixels, (gen_w, gen_h), initial, cond, uncond, final_latents=latents)

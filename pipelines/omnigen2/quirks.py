@@ -82,6 +82,11 @@ def decode_to_pixels(vae, latents: torch.Tensor, width: int, height: int) -> np.
     size (always applied; exact when unchanged), and the [-1, 1] -> [0, 1] denormalisation with its clamp; only
     then float32, *255 and round-half-to-even. Denormalising in float32 instead changes ~22% of the pixels.
     """
+    return host_image_to_pixels(decode_on_device(vae, latents, width, height).cpu())
+
+
+def decode_on_device(vae, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The device part of :func:`decode_to_pixels`: the denormalised image ``[1, 3, height, width]`` in bf16."""
     latents = latents.to(vae.dtype)
     if vae.config.scaling_factor is not None:
         latents = latents / vae.config.scaling_factor
@@ -89,8 +94,12 @@ def decode_to_pixels(vae, latents: torch.Tensor, width: int, height: int) -> np.
         latents = latents + vae.config.shift_factor
     image = vae.decode(latents, return_dict=False)[0]
     image = F.interpolate(image, size=(height, width), mode="bilinear")
-    image = (image * 0.5 + 0.5).clamp(0, 1)
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return (image * 0.5 + 0.5).clamp(0, 1)
+
+
+def host_image_to_pixels(image: torch.Tensor) -> np.ndarray:
+    """The host part of :func:`decode_to_pixels`: float32, *255, round half to even, uint8 ``[H, W, 3]``."""
+    array = image.permute(0, 2, 3, 1).float().numpy()
     return (array * 255).round().astype("uint8")[0]
 
 

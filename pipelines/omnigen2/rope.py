@@ -63,3 +63,20 @@ def apply_rotation(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
     rotated = torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(3)
     return rotated.type_as(x)
+
+
+def real_tables(rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--fast``: the complex128 rotations as float32 ``(cos, sin)`` for :func:`apply_rotation_real`."""
+    return rotations.real.to(torch.float32).contiguous(), rotations.imag.to(torch.float32).contiguous()
+
+
+def apply_rotation_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``--fast`` rotary: the same rotation in float32 real arithmetic (``cos``/``sin`` ``[batch, seq, D/2]``).
+
+    One fused kernel under ``torch.compile`` instead of complex128 promotion, product and two casts; it differs
+    from :func:`apply_rotation` in the last bits (float32 instead of float64 products).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)

@@ -55,4 +55,14 @@ class FlowMatchEulerScheduler:
         """One Euler step from the current timestep to the next; returns the sample in ``velocity.dtype``."""
         t, t_next = self._grid[self._index], self._grid[self._index + 1]
         self._index += 1
-        return (sample.to(torch.float32) + (t_next - t) * velocity).to(velocity.dtype)
+        return euler_step(velocity, sample, t, t_next)
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """The timesteps followed by 1.0 (on the timesteps' device): step ``i`` goes from ``grid[i]`` to ``grid[i+1]``."""
+        return self._grid
+
+
+def euler_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step between the 0-dim float32 timesteps ``t`` and ``t_next`` (device tensors: no host sync)."""
+    return (sample.to(torch.float32) + (t_next - t) * velocity).to(velocity.dtype)

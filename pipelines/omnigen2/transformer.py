@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.omnigen2 import kernels
-from pipelines.omnigen2.rope import apply_rotation, frequency_tables, gather_rotations, position_ids
+from pipelines.omnigen2.rope import (
+    apply_rotation,
+    apply_rotation_real,
+    frequency_tables,
+    gather_rotations,
+    position_ids,
+    real_tables,
+)
 
 CONFIG_CLASS_NAME = "OmniGen2Transformer2DModel"
 
@@ -252,8 +259,31 @@ def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
     return tokens.reshape(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w)
 
 
+@dataclass
+class TextInput:
+    """One prompt's text after the parts of the forward that depend on the text alone (caption embedder and
+    context refiner): computed once per replay, reused by every step. ``length`` = valid tokens (host int)."""
+
+    features: torch.Tensor  # [1, L, hidden]
+    length: int
+
+
+def text_length(text_mask: torch.Tensor) -> int:
+    """Valid text tokens: the sum of the (bf16) mask, as OmniGen2 computes it. One host sync: call it once per
+    encoding, never inside the denoising loop."""
+    return int(text_mask.sum(dim=1).tolist()[0])
+
+
+ROTATION_CACHE_SIZE = 64
+
+
 class OmniGen2Transformer(nn.Module):
-    """The OmniGen2 transformer. ``forward`` takes one sample (batch 1) with any number of reference latents."""
+    """The OmniGen2 transformer. ``forward`` takes one sample (batch 1) with any number of reference latents.
+
+    The denoising loop uses the stages separately (``prepare_text`` once per prompt, ``guided_velocities`` per
+    step): the same kernels on the same inputs as ``forward``, without recomputing what does not change and
+    without host syncs. ``batched_velocities`` is the ``--fast`` path (one batch for every text).
+    """
 
     def __init__(self, cfg: OmniGen2Config):
         super().__init__()
@@ -271,12 +301,128 @@ class OmniGen2Transformer(nn.Module):
         self.norm_out = OutputNorm(cfg, p * p * out_channels)
         self.image_index_embedding = nn.Parameter(torch.zeros(5, hidden))
         self._tables: list[torch.Tensor] | None = None
+        self._device_cache: dict[tuple, object] = {}
+        self._fast_fns = None
+        self.compile_fast = False  # --fast: torch.compile the block halves around attention
+        self.hooks_epoch = 0  # bumped by LoraPatcher when forward hooks change (CUDA graphs are then stale)
 
     def rotation_tables(self) -> list[torch.Tensor]:
         """The complex128 frequency tables, built once (on the CPU, like OmniGen2) and cached."""
         if self._tables is None:
             self._tables = frequency_tables(self.config.axes_dim_rope, self.config.axes_lens)
         return self._tables
+
+    # -- per-shape constants, built once on the CPU and kept on the device ------------------------------------
+    def _cached(self, key: tuple, build):
+        value = self._device_cache.get(key)
+        if value is None:
+            if len(self._device_cache) >= ROTATION_CACHE_SIZE:
+                self._device_cache.pop(next(iter(self._device_cache)))
+            value = self._device_cache[key] = build()
+        return value
+
+    def rotations(self, text_len: int, ref_grids: tuple, image_grid: tuple, device) -> torch.Tensor:
+        """Complex128 rotations ``[1, text_len + refs + image, D/2]`` on ``device`` (cached per shape)."""
+
+        def build():
+            ids = position_ids(text_len, list(ref_grids), image_grid)
+            return gather_rotations(self.rotation_tables(), ids).unsqueeze(0).to(device)
+
+        return self._cached(("rot", text_len, ref_grids, image_grid, str(device)), build)
+
+    def text_rotations(self, text_len: int, padded_len: int, device) -> torch.Tensor:
+        """Rotations of the (padded) text for the context refiner: zero past the valid tokens."""
+
+        def build():
+            ids = position_ids(text_len, [], (0, 0))
+            rot = gather_rotations(self.rotation_tables(), ids)
+            out = torch.zeros(1, padded_len, rot.shape[-1], dtype=rot.dtype)
+            out[:, :text_len] = rot
+            return out.to(device)
+
+        return self._cached(("text_rot", text_len, padded_len, str(device)), build)
+
+    def ones_mask(self, n: int, device) -> torch.Tensor:
+        return self._cached(("ones", n, str(device)), lambda: torch.ones(1, n, dtype=torch.bool, device=device))
+
+    # -- stages -----------------------------------------------------------------------------------------------
+    def time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        embed = self.time_caption_embed
+        return embed.timestep_embedder(sinusoidal_embedding(timestep, embed.FREQ_DIM, embed.timestep_scale).to(dtype))
+
+    def prepare_text(self, text: torch.Tensor, text_mask: torch.Tensor, text_len: int | None = None) -> TextInput:
+        """Caption embedder and context refiner: they see the text alone, so one prompt's result serves every
+        step of a replay. ``text_len`` defaults to :func:`text_length` (a host sync)."""
+        if text_len is None:
+            text_len = text_length(text_mask)
+        features = self.time_caption_embed.caption_embedder(text)
+        rot = self.text_rotations(text_len, text.shape[1], text.device)
+        key_mask = text_mask.bool()
+        for block in self.context_refiner:
+            features = block(features, key_mask, rot)
+        return TextInput(features, text_len)
+
+    def _image_tokens(self, latent, temb, rotations, image_rot, ref_latents, text_len):
+        """The noise refiner on the image tokens and the reference refiner on each reference image."""
+        p = self.config.patch_size
+        device = latent.device
+        tokens = self.x_embedder(patchify(latent[0], p).unsqueeze(0))
+        for block in self.noise_refiner:
+            tokens = block(tokens, self.ones_mask(tokens.shape[1], device), image_rot, temb)
+        refs = []
+        offset = text_len
+        for index, ref in enumerate(ref_latents):
+            n = (ref.shape[1] // p) * (ref.shape[2] // p)
+            ref_tokens = self.ref_image_patch_embedder(patchify(ref, p).unsqueeze(0))
+            ref_tokens = ref_tokens + self.image_index_embedding[index]
+            for block in self.ref_image_refiner:
+                ref_tokens = block(ref_tokens, self.ones_mask(n, device), rotations[:, offset : offset + n], temb)
+            refs.append(ref_tokens)
+            offset += n
+        return tokens, refs
+
+    def _grids(self, latent, ref_latents):
+        p = self.config.patch_size
+        _, _, h, w = latent.shape
+        ref_grids = tuple((r.shape[1] // p, r.shape[2] // p) for r in ref_latents)
+        return (h // p, w // p), ref_grids
+
+    def guided_velocities(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        texts: list[TextInput],
+        ref_latents: list[list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """Velocities for several texts at one step (e.g. the conditional and unconditional pass), each exactly
+        what ``forward`` gives for it. What does not depend on the text (timestep embedding, image and
+        reference refiners) is computed once per distinct reference list: same kernels, same inputs, same bits.
+        ``ref_latents[i]`` are text ``i``'s reference latents. No host syncs."""
+        p = self.config.patch_size
+        dtype, device = latent.dtype, latent.device
+        _, _, h, w = latent.shape
+        temb = self.time_embedding(timestep, dtype)
+        image_grid, _ = self._grids(latent, [])
+        image_len = image_grid[0] * image_grid[1]
+        shared: dict[tuple, tuple] = {}
+        out = []
+        for text, refs_in in zip(texts, ref_latents, strict=True):
+            _, ref_grids = self._grids(latent, refs_in)
+            ref_len = sum(rh * rw for rh, rw in ref_grids)
+            rotations = self.rotations(text.length, ref_grids, image_grid, device)
+            # the image tokens' positions shift with the text length: share only between equal shifts
+            key = (tuple(id(r) for r in refs_in), text.length)
+            if key not in shared:
+                image_rot = rotations[:, text.length + ref_len :]
+                shared[key] = self._image_tokens(latent, temb, rotations, image_rot, refs_in, text.length)
+            tokens, refs = shared[key]
+            joint = torch.cat([text.features[:, : text.length], *refs, tokens], dim=1)
+            joint_mask = self.ones_mask(joint.shape[1], device)
+            for block in self.layers:
+                joint = block(joint, joint_mask, rotations, temb)
+            velocity = self.norm_out(joint, temb)[0, -image_len:]
+            out.append(unpatchify(velocity, p, h, w).unsqueeze(0))
+        return out
 
     def forward(
         self,
@@ -285,62 +431,113 @@ class OmniGen2Transformer(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor,
         ref_latents: list[torch.Tensor] | None = None,
+        text_len: int | None = None,
     ) -> torch.Tensor:
         """Velocity for ``latent`` ``[1, C, H, W]``.
 
         ``timestep`` ``[1]`` in the model dtype (0 = noise, 1 = data), ``text`` ``[1, L, text_feat_dim]``,
         ``text_mask`` ``[1, L]`` (any dtype; nonzero = valid token), ``ref_latents`` a list of ``[C, h, w]``.
+        ``text_len`` (valid tokens) saves the host sync that reading it from the mask costs.
         """
         if latent.shape[0] != 1:
             raise ValueError("OmniGen2Transformer.forward takes one sample at a time")
+        text_input = self.prepare_text(text, text_mask, text_len)
+        return self.guided_velocities(latent, timestep, [text_input], [list(ref_latents or [])])[0]
+
+    # -- --fast -------------------------------------------------------------------------------------------------
+    def real_rotations(self, lengths: tuple, padded: int, ref_grids: tuple, image_grid: tuple, device):
+        """``--fast``: float32 (cos, sin) ``[B, padded + refs + image, D/2]``, each sample left-padded with zeros."""
+
+        def build():
+            parts = []
+            for n in lengths:
+                ids = position_ids(n, list(ref_grids), image_grid)
+                rot = gather_rotations(self.rotation_tables(), ids)
+                parts.append(torch.cat([torch.zeros(padded - n, rot.shape[-1], dtype=rot.dtype), rot]))
+            return real_tables(torch.stack(parts).to(device))
+
+        return self._cached(("real", lengths, padded, ref_grids, image_grid, str(device)), build)
+
+    def _fast_blocks(self, blocks, x, temb, cos, sin, starts):
+        pre, post = self.fast_functions()
+        for block in blocks:
+            q, k, v, gate_msa, scale_mlp, gate_mlp = pre(block, x, temb, cos, sin)
+            attn = kernels.attention_fast(q, k, v, starts, block.attn.scale)
+            x = post(block, x, attn, gate_msa, scale_mlp, gate_mlp)
+        return x
+
+    def fast_functions(self):
+        """The two halves of a modulated block around attention, compiled when ``compile_fast`` is set."""
+        if self._fast_fns is None:
+            if self.compile_fast:
+                import torch._dynamo
+
+                # one compiled graph serves every block (parameters are inputs); shapes go dynamic on the 2nd size
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                self._fast_fns = (torch.compile(_fast_pre, dynamic=None), torch.compile(_fast_post, dynamic=None))
+            else:
+                self._fast_fns = (_fast_pre, _fast_post)
+        return self._fast_fns
+
+    def batched_velocities(
+        self, latent: torch.Tensor, timestep: torch.Tensor, texts: list[TextInput], ref_latents: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``--fast``: velocities ``[B, C, H, W]`` for B texts sharing the latent and the reference images, in one
+        batch: sequences ``[left padding | text | references | image]``, attention with no mask (each sample over
+        its valid slice when the texts differ in length), float32 real rotary. Differs from ``forward`` in the
+        last bits."""
         p = self.config.patch_size
-        ref_latents = ref_latents or []
         dtype, device = latent.dtype, latent.device
-
-        # 1. timestep and caption embeddings
-        temb, text = self.time_caption_embed(timestep, text, dtype)
-
-        # 2. position ids and rotations: the valid text length comes from the mask (a float sum in OmniGen2)
-        text_len = int(text_mask.sum(dim=1).tolist()[0])
         _, _, h, w = latent.shape
-        image_grid = (h // p, w // p)
-        ref_grids = [(r.shape[1] // p, r.shape[2] // p) for r in ref_latents]
-        ids = position_ids(text_len, ref_grids, image_grid)
-        rotations = gather_rotations(self.rotation_tables(), ids).unsqueeze(0).to(device)
-        ref_len = sum(rh * rw for rh, rw in ref_grids)
+        temb = self.time_embedding(timestep, dtype)
+        image_grid, ref_grids = self._grids(latent, ref_latents)
         image_len = image_grid[0] * image_grid[1]
-        text_rot = torch.zeros(1, text.shape[1], rotations.shape[-1], dtype=rotations.dtype, device=device)
-        text_rot[:, :text_len] = rotations[:, :text_len]
-
-        # 3. context refiner on the text alone
-        text_key_mask = text_mask.bool()
-        for block in self.context_refiner:
-            text = block(text, text_key_mask, text_rot)
-
-        # 4. image tokens, refined alone; reference images refined one by one
-        tokens = self.x_embedder(patchify(latent[0], p).unsqueeze(0))
-        image_rot = rotations[:, text_len + ref_len :]
-        image_mask = torch.ones(1, image_len, dtype=torch.bool, device=device)
-        for block in self.noise_refiner:
-            tokens = block(tokens, image_mask, image_rot, temb)
-        refs = []
-        offset = text_len
-        for index, (ref, grid) in enumerate(zip(ref_latents, ref_grids, strict=True)):
-            n = grid[0] * grid[1]
-            ref_tokens = self.ref_image_patch_embedder(patchify(ref, p).unsqueeze(0))
-            ref_tokens = ref_tokens + self.image_index_embedding[index]
-            ref_mask = torch.ones(1, n, dtype=torch.bool, device=device)
-            for block in self.ref_image_refiner:
-                ref_tokens = block(ref_tokens, ref_mask, rotations[:, offset : offset + n], temb)
-            refs.append(ref_tokens)
+        ref_len = sum(rh * rw for rh, rw in ref_grids)
+        lengths = tuple(t.length for t in texts)
+        padded = max(lengths)
+        # The image and reference tokens' positions shift with the text length: refine them once per distinct
+        # length (batch 1 when the texts are equally long), at the positions they take in the joint sequence.
+        distinct = lengths[:1] if len(set(lengths)) == 1 else lengths
+        cos, sin = self.real_rotations(distinct, padded, ref_grids, image_grid, device)
+        rows = len(distinct)
+        image_at = padded + ref_len
+        tokens = self.x_embedder(patchify(latent[0], p).unsqueeze(0)).expand(rows, -1, -1).contiguous()
+        tokens = self._fast_blocks(self.noise_refiner, tokens, temb, cos[:, image_at:], sin[:, image_at:], None)
+        refs, offset = [], padded
+        for index, ref in enumerate(ref_latents):
+            n = (ref.shape[1] // p) * (ref.shape[2] // p)
+            ref_tokens = self.ref_image_patch_embedder(patchify(ref, p).unsqueeze(0)) + self.image_index_embedding[index]
+            ref_tokens = ref_tokens.expand(rows, -1, -1).contiguous()
+            window = slice(offset, offset + n)
+            refs.append(self._fast_blocks(self.ref_image_refiner, ref_tokens, temb, cos[:, window], sin[:, window], None))
             offset += n
+        texts_padded = []
+        for text in texts:
+            pad = text.features.new_zeros(1, padded - text.length, text.features.shape[-1])
+            texts_padded.append(torch.cat([pad, text.features[:, : text.length]], dim=1))
+        joint = torch.cat([torch.cat(texts_padded), *[r.expand(len(texts), -1, -1) for r in refs],
+                           tokens.expand(len(texts), -1, -1)], dim=1)
+        starts = None if rows == 1 else tuple(padded - n for n in lengths)
+        joint = self._fast_blocks(self.layers, joint, temb, cos, sin, starts)
+        velocity = self.norm_out(joint, temb)[:, -image_len:]
+        return torch.stack([unpatchify(v, p, h, w) for v in velocity])
 
-        # 5. joint blocks over [text | references | image]
-        joint = torch.cat([text[:, :text_len], *refs, tokens], dim=1)
-        joint_mask = torch.ones(1, joint.shape[1], dtype=torch.bool, device=device)
-        for block in self.layers:
-            joint = block(joint, joint_mask, rotations, temb)
 
-        # 6. output norm, projection and unpatchify
-        out = self.norm_out(joint, temb)[0, -image_len:]
-        return unpatchify(out, p, h, w).unsqueeze(0)
+def _fast_pre(block: Block, x, temb, cos, sin):
+    """``--fast``: modulation, norm, projections, query/key norms and real rotary of a modulated block."""
+    h, gate_msa, scale_mlp, gate_mlp = block.norm1(x, temb)
+    attn = block.attn
+    batch, seq, _ = h.shape
+    q = attn.norm_q(attn.to_q(h).view(batch, seq, attn.heads, attn.head_dim))
+    k = attn.norm_k(attn.to_k(h).view(batch, seq, attn.kv_heads, attn.head_dim))
+    v = attn.to_v(h).view(batch, seq, attn.kv_heads, attn.head_dim)
+    return apply_rotation_real(q, cos, sin), apply_rotation_real(k, cos, sin), v, gate_msa, scale_mlp, gate_mlp
+
+
+def _fast_post(block: Block, x, attn_out, gate_msa, scale_mlp, gate_mlp):
+    """``--fast``: output projection, gated residuals and the SwiGLU MLP of a modulated block."""
+    batch, seq = attn_out.shape[:2]
+    out = block.attn.to_out[0](attn_out.reshape(batch, seq, -1).type_as(x))
+    x = x + gate_msa.unsqueeze(1).tanh() * block.norm2(out)
+    mlp = block.feed_forward(block.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
+    return x + gate_mlp.unsqueeze(1).tanh() * block.ffn_norm2(mlp)

@@ -1,0 +1,87 @@
+"""parity check under torchrun (issue 6): sharding, and a 2-process CPU run giving the same report as one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+from fixtures import ORACLE_DIR
+from parity.distributed import Dist, from_env, shard
+
+TINY = ORACLE_DIR / "tiny_omnigen2"
+
+
+def test_shard_is_contiguous_balanced_and_complete():
+    costs = [1.0] * 10
+    assert shard(costs, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert shard(costs, 3) == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    assert shard([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3, 4]]
+    assert shard([], 4) == [[], [], [], []]
+    assert shard([0.0, 0.0, 0.0], 2) == [[0], [1, 2]]
+    for world in (1, 2, 3, 7, 12):
+        parts = shard([float(i % 3 + 1) for i in range(11)], world)
+        assert sorted(i for p in parts for i in p) == list(range(11))
+        assert all(p == list(range(p[0], p[-1] + 1)) for p in parts if p)
+
+
+def test_one_process_is_a_world_of_one():
+    dist = from_env({})
+    assert (dist.rank, dist.world, dist.is_main) == (0, 1, True)
+    assert dist.all_gather("x") == ["x"] and dist.gather(3) == [3] and dist.broadcast(5) == 5
+    assert Dist().world == 1
+
+
+def comparable(report: dict) -> dict:
+    """What must not depend on how many processes replayed: everything but times and folder names."""
+    previews = []
+    for p in report["previews"]:
+        p = dict(p)
+        p["replay_png"] = os.path.basename(p["replay_png"]) if p.get("replay_png") else None
+        previews.append(p)
+    keep = {k: v for k, v in report.items() if k not in ("previews", "created", "generated", "report_dir")}
+    return {"run": keep, "previews": previews}
+
+
+def run(args, env):
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
+
+
+def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
+    job = ORACLE_DIR / "jobs" / "og2_basic"
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # the same CPU kernels in both runs (torchrun sets 1 otherwise)
+    common = [
+        "check",
+        str(job),
+        "--base-model",
+        str(TINY),
+        "--device",
+        "cpu",
+        "--cpu-profile",
+        "avx2",
+        "--no-diagnose",
+    ]
+    one = run([sys.executable, "-m", "parity", *common, "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+    ]
+    two = run([*torchrun, "-m", "parity", *common, "--out", str(tmp_path / "two")], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first = json.loads((tmp_path / "one" / "parity.json").read_text())
+    second = json.loads((tmp_path / "two" / "parity.json").read_text())
+    assert comparable(second) == comparable(first)
+    assert len(first["previews"]) == 12
+    # every replay was written by one of the ranks into the shared cache, byte-identical to the one-process run
+    names = sorted(p.name for p in (tmp_path / "one" / "replays").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "two" / "replays").glob("*.png"))
+    for name in names:
+        assert (tmp_path / "one" / "replays" / name).read_bytes() == (
+            tmp_path / "two" / "replays" / name
+        ).read_bytes()
