@@ -103,8 +103,11 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     dist = distributed.current()
     clock = PhaseClock(dist.rank)
 
+    def score_of(item: ReplayItem, pixels: np.ndarray):
+        return score_replay(samples / item.file, pixels, options.thresholds)
+
     def ssim_of(item: ReplayItem, pixels: np.ndarray) -> float:
-        return score_replay(samples / item.file, pixels, options.thresholds).metrics.ssim
+        return score_of(item, pixels).metrics.ssim
 
     fresh: dict[str, np.ndarray] = {}  # probe replays of the noise choice, by cache key: reused, never redone
 
@@ -116,6 +119,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         return {name: values for part in dist.all_gather(scores) for name, values in part.items()}
 
     replayable = [i for i in items if i.replayable]
+    fast_drift = None
     if replayable:
         replayer.load()
         clock.mark("load")
@@ -125,6 +129,16 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
                                         on_replay=keep_probe if plain else None)
         clock.mark("noise choice")
+        if plain:
+            if progress:
+                progress("choosing the kernels")
+            replayer.choose_kernels(score_of, part=(dist.rank, dist.world),
+                                    gather=merged if dist.world > 1 else None, on_replay=keep_probe)
+            clock.mark("kernel choice")
+        if dist.is_main and options.replay.fast:
+            if progress:
+                progress("measuring --fast against exact mode")
+            fast_drift = replayer.fast_drift(replayer.step0_probes()[:1])
 
     # This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones).
     replay_indices = [i for i, item in enumerate(items) if item.replayable]
@@ -263,11 +277,21 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         pipeline_profile=profile,
         noise_algorithm=replayer.noise_algorithm,
         noise_algorithm_reason=replayer.noise_reason,
+        kernels=kernel_profile_name(),
+        kernels_reason=replayer.kernel_reason,
+        kernel_trials=replayer.kernel_trials,
+        fast_drift=fast_drift,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,
         warnings=warnings,
     )
+
+
+def kernel_profile_name() -> str:
+    from pipelines.omnigen2 import kernels
+
+    return kernels.kernel_profile()
 
 
 class PhaseClock:

@@ -156,7 +156,14 @@ def check_command(
     cpu_profile: Annotated[
         str, typer.Option("--cpu-profile", help="CPU kernels: native, or avx2 to compute like an AVX2-only trainer CPU.")
     ] = "native",
-    kernels: Annotated[str, typer.Option(help="GPU kernel set: torch (SDPA) or flash (flash-attn).")] = "torch",
+    kernels: Annotated[
+        str,
+        typer.Option(help="Kernel set: auto (on CUDA: the one that reproduces a step-0 preview), torch, flash, or "
+                     "triton[:WARPS|:WIDTH=WARPS,...] (ai-toolkit's GPU default: Triton RMSNorm)."),
+    ] = "auto",
+    kernel_search: Annotated[
+        int, typer.Option(help="Most kernel sets --kernels auto replays a step-0 preview with.")
+    ] = 6,
     no_drift: Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")] = False,
     pipeline: Annotated[
@@ -197,13 +204,25 @@ def check_command(
     from reports import write_reports
 
     device = _resolve_device(device)
-    if kernels not in ("torch", "flash"):
-        raise InputError(None, f"--kernels must be torch or flash, got {kernels!r}")
-    if kernels == "flash":
+    if kernel_search < 1:
+        raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
+    if kernels != "auto":
+        from pipelines.omnigen2.kernels import parse_profile
+
         try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise EnvironmentProblem(None, "--kernels flash needs the flash_attn package") from None
+            name = parse_profile(kernels)[0]
+        except ValueError as exc:
+            raise InputError(None, f"--kernels: {exc}") from None
+        if name == "flash":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError:
+                raise EnvironmentProblem(None, "--kernels flash needs the flash_attn package") from None
+        if name == "triton":
+            from pipelines.omnigen2.triton_norm import available
+
+            if problem := available():
+                raise EnvironmentProblem(None, f"--kernels triton: {problem}")
     defaults = Thresholds()
     thresholds = Thresholds(
         pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
@@ -213,7 +232,8 @@ def check_command(
     options = CheckOptions(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
                              lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
-                             kernel_profile=kernels, fast=fast, cuda_graphs=cuda_graphs),
+                             kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
+                             cuda_graphs=cuda_graphs),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
         use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
     )

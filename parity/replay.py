@@ -35,7 +35,8 @@ class ReplayOptions:
     noise_algorithm: str = "auto"  # a pipelines.omnigen2.noise name, "native", or "auto" (from step-0 previews)
     lora_overrides: dict[int, Path] = field(default_factory=dict)  # step -> LoRA file used instead
     reproduce_drift: bool = True  # replay earlier merge/un-merge rounds onto the base
-    kernel_profile: str = "torch"
+    kernel_profile: str = "auto"  # a pipelines.omnigen2.kernels spec, or "auto" (from step-0 previews on CUDA)
+    kernel_search: int = 6  # most kernel profiles tried by the automatic choice
     # --fast: batched CFG, maskless attention, float32 rotary, torch.compile on CUDA: last bits may differ
     fast: bool = False
     cuda_graphs: bool = True  # capture each denoising step as a CUDA graph (same kernels, same bits)
@@ -106,6 +107,8 @@ class Replayer:
         self.dtype_name = torch_dtype_name(options.dtype or plan.train_dtype)
         self.noise_algorithm = options.noise_algorithm
         self.noise_reason = "given with --noise"
+        self.kernel_reason = "given with --kernels"
+        self.kernel_trials: list[dict] = []  # each kernel profile tried by choose_kernels, against its probe
         self._pipe = None
         self._patcher = None
         self._loras: dict[Path, object] = {}
@@ -134,7 +137,12 @@ class Replayer:
 
         if self.options.device.startswith("cuda") and not torch.cuda.is_available():
             raise EnvironmentProblem(None, "CUDA was asked for (--device cuda) but torch sees no CUDA device")
-        kernels.set_kernel_profile(self.options.kernel_profile)
+        try:  # "auto" starts from the likeliest kernels (the noise choice runs on them) until choose_kernels
+            kernels.set_kernel_profile(self.first_kernel_profile())
+        except ValueError as exc:
+            raise InputError(None, f"--kernels: {exc}") from None
+        except RuntimeError as exc:
+            raise EnvironmentProblem(None, str(exc)) from None
         base = self.base_model_path()
         try:
             root = resolve_model_dir(base)
@@ -155,6 +163,19 @@ class Replayer:
         components.transformer.compile_fast = bool(self.options.fast and compile_fast)
         self._patcher = LoraPatcher(components.transformer)
         self._base_fingerprint = model_fingerprint(root)
+
+    def first_kernel_profile(self) -> str:
+        """The profile asked for, or with ``auto`` the likeliest: ai-toolkit's default GPU path where its Triton
+        kernel can run (CUDA, triton importable, not --fast), else PyTorch's kernels."""
+        import torch
+
+        from pipelines.omnigen2 import kernels, triton_norm
+
+        if self.options.kernel_profile != "auto":
+            return self.options.kernel_profile
+        if torch.device(self.options.device).type != "cuda" or self.options.fast or triton_norm.available():
+            return "torch"
+        return kernels.format_profile("triton")
 
     @property
     def pipeline(self):
@@ -318,6 +339,130 @@ class Replayer:
             f"chosen from {len(probes)} step-0 preview(s): mean SSIM {np.mean(best_scores):.3f}{runner}"
         )
         return self.noise_algorithm, self.noise_reason
+
+    def step0_probes(self) -> list[ReplayItem]:
+        """Previews of the base model alone (step 0): only noise and kernels set their pixels."""
+        return [i for i in self.plan.items if i.step == 0 and i.replayable and i.weights == "base"]
+
+    def block_norm_widths(self) -> list[int]:
+        """Row widths of the norms that go through ``kernels.rms_norm`` (the ones a kernel profile changes)."""
+        from pipelines.omnigen2.transformer import RMSNorm
+
+        modules = self.pipeline.c.transformer.modules()
+        return sorted({int(m.weight.shape[0]) for m in modules if isinstance(m, RMSNorm)})
+
+    def choose_kernels(
+        self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None
+    ) -> tuple[str, str]:
+        """With ``--kernels auto``: the kernel profile that reproduces a step-0 preview bit for bit.
+
+        On a CPU that is PyTorch's (ai-toolkit runs Triton and flash-attn on CUDA only). On CUDA with Triton,
+        ai-toolkit normalised with an autotuned Triton kernel whose warp counts no file records, so the candidates
+        (``kernels.kernel_candidates``) are replayed on the first step-0 preview, likeliest first, and the first
+        EXACT one wins; ``score_fn(item, pixels)`` is ``parity.scores.score_replay``'s Score. Ranks share the
+        candidates (``part``, ``gather`` as in ``choose_noise_algorithm``). What each candidate gave is kept in
+        ``kernel_trials`` for the report: the measured drift of the kernel choice.
+        """
+        import torch
+
+        from pipelines.omnigen2 import kernels, triton_norm
+
+        self.load()
+        if self.options.kernel_profile != "auto":
+            return kernels.kernel_profile(), self.kernel_reason
+        if torch.device(self.options.device).type != "cuda":
+            self.kernel_reason = "CPU replay: PyTorch's kernels, the ones ai-toolkit uses on a CPU"
+            return kernels.kernel_profile(), self.kernel_reason
+        if problem := triton_norm.available():
+            self.kernel_reason = f"PyTorch's kernels: {problem} (ai-toolkit falls back to them too)"
+            return kernels.kernel_profile(), self.kernel_reason
+        if self.options.fast:
+            self.kernel_reason = "--fast: PyTorch's kernels (its last bits differ from any trainer's anyway)"
+            return kernels.kernel_profile(), self.kernel_reason
+        probes = self.step0_probes()
+        candidates = kernels.kernel_candidates(self.block_norm_widths(), self.options.kernel_search)
+        if not probes:
+            kernels.set_kernel_profile(candidates[0])
+            self.kernel_reason = "no step-0 preview to choose from: ai-toolkit's default GPU path"
+            return kernels.kernel_profile(), self.kernel_reason
+        world = part[1]
+        found: dict[str, dict] = {}
+        chosen = None
+        for start in range(0, len(candidates), world):
+            batch = candidates[start : start + world]
+            mine = {}
+            if part[0] < len(batch):
+                spec = batch[part[0]]
+                kernels.set_kernel_profile(spec)
+                mine[spec] = self._kernel_trial(spec, probes, score_fn, on_replay)
+            found.update(gather(mine) if gather is not None else mine)
+            chosen = next((spec for spec in batch if found.get(spec, {}).get("identical")), None)
+            if chosen:
+                break
+        self.kernel_trials = [found[spec] for spec in candidates if spec in found]
+        tried = len(self.kernel_trials)
+        sets = f"{tried} kernel set{'s' if tried > 1 else ''} tried"
+        if chosen:
+            self.kernel_reason = f"reproduces all {len(probes)} step-0 preview(s) bit for bit ({sets})"
+        else:
+            best = max(self.kernel_trials, key=lambda t: t["probes_identical"])
+            ssims = [t["ssim"] for t in self.kernel_trials]
+            if best["probes_identical"]:
+                chosen = best["kernels"]
+                self.kernel_reason = (f"closest: reproduces {best['probes_identical']} of {best['probes_tried']} "
+                                      f"step-0 preview(s) tried bit for bit ({sets})")
+            else:
+                chosen = candidates[0]
+                self.kernel_reason = (
+                    f"no kernel set reproduced a step-0 preview exactly (SSIM {min(ssims):.4f}-{max(ssims):.4f}, "
+                    f"{sets}): kept ai-toolkit's default GPU path; the previews were made on another kind of "
+                    "machine or Triton version"
+                )
+        kernels.set_kernel_profile(chosen)
+        return kernels.kernel_profile(), self.kernel_reason
+
+    def _kernel_trial(self, spec: str, probes: list[ReplayItem], score_fn, on_replay) -> dict:
+        """Replay the step-0 previews with the active kernels until one differs (a wrong set costs one replay; the
+        right one's replays are the run's own, kept through ``on_replay``)."""
+        trial = {"kernels": spec, "identical": False, "probes_identical": 0, "probes_tried": 0,
+                 "ssim": 1.0, "max_abs_diff": 0, "mean_abs_diff": 0.0}
+        for probe in probes:
+            replay = self.replay(probe)
+            if on_replay is not None:
+                on_replay(probe, self.noise_algorithm, replay)
+            score = score_fn(probe, replay.pixels)
+            metrics = score.metrics
+            trial["probes_tried"] += 1
+            trial["ssim"] = round(min(trial["ssim"], float(metrics.ssim)), 5)
+            trial["max_abs_diff"] = max(trial["max_abs_diff"], int(metrics.max_abs_diff))
+            trial["mean_abs_diff"] = round(max(trial["mean_abs_diff"], float(metrics.mean_abs_diff)), 4)
+            if score.verdict.value != "EXACT":
+                break
+            trial["probes_identical"] += 1
+        trial["identical"] = trial["probes_identical"] == len(probes)
+        return trial
+
+    def fast_drift(self, probes: list[ReplayItem]) -> dict | None:
+        """``--fast`` against exact mode on the same previews: both replayed here, pixels compared (the drift the
+        report header shows for a ``--fast`` run)."""
+        from parity.scores import compute_metrics
+
+        if not self.options.fast or not probes:
+            return None
+        rows = []
+        for item in probes:
+            fast = self.replay(item).pixels
+            self.pipeline.fast = False
+            try:
+                exact = self.replay(item).pixels
+            finally:
+                self.pipeline.fast = True
+            metrics = compute_metrics(exact, fast)[0]
+            rows.append({"preview": item.file, "ssim": round(float(metrics.ssim), 5),
+                         "max_abs_diff": int(metrics.max_abs_diff),
+                         "mean_abs_diff": round(float(metrics.mean_abs_diff), 4)})
+        return {"what": "--fast vs exact mode", "previews": rows,
+                "ssim_min": min(r["ssim"] for r in rows), "max_abs_diff": max(r["max_abs_diff"] for r in rows)}
 
     def _noise_for(self, item: ReplayItem, algorithm: str):
         import torch

@@ -223,6 +223,10 @@ class CheckReport:
     created: str = field(default_factory=_now)  # ISO 8601, UTC
     warnings: list[str] = field(default_factory=list)  # run-level notes (from the plan)
     ssim_convention: dict[str, Any] = field(default_factory=lambda: dict(SSIM_CONVENTION))
+    kernels: str = "torch"  # the kernel profile replays ran with (pipelines.omnigen2.kernels spec)
+    kernels_reason: str = ""  # how it was chosen
+    kernel_trials: list[dict[str, Any]] = field(default_factory=list)  # each profile tried on a step-0 preview
+    fast_drift: dict[str, Any] | None = None  # --fast: measured against exact mode on the same previews
 
     def __post_init__(self):
         if self.fail_on not in FAIL_ON:
@@ -253,6 +257,21 @@ class CheckReport:
         ]
         return sorted(summaries, key=lambda s: (-SEVERITIES.index(s.severity), -s.count, s.code))
 
+    @property
+    def base_drift(self) -> dict[str, Any] | None:
+        """The step-0 previews (base model alone: only the kernels and the noise set their pixels): how many
+        replayed identically, the largest difference and the lowest SSIM. None without any."""
+        scored = [i for i in self.items if i.step == 0 and i.score is not None
+                  and i.settings.get("weights", "base") == "base"]
+        if not scored:
+            return None
+        return {
+            "previews": len(scored),
+            "identical": sum(i.score.verdict.value == "EXACT" for i in scored),
+            "max_abs_diff": max(int(i.score.metrics.max_abs_diff) for i in scored),
+            "ssim_min": round(min(float(i.score.metrics.ssim) for i in scored), 5),
+        }
+
     def worst(self, n: int = 5) -> list[PreviewResult]:
         """The n previews that need attention most: by outcome, then lowest SSIM. EXACT and PASS excluded."""
         bad = [i for i in self.items if i.outcome not in (Outcome.EXACT, Outcome.PASS, Outcome.SKIPPED)]
@@ -274,6 +293,9 @@ class CheckReport:
             "dtype": self.dtype,
             "pipeline_profile": self.pipeline_profile,
             "noise": {"algorithm": self.noise_algorithm, "chosen_by": self.noise_algorithm_reason},
+            "kernels": {"profile": self.kernels, "chosen_by": self.kernels_reason,
+                        "trials": [dict(t) for t in self.kernel_trials]},
+            "measured_drift": {"step0": self.base_drift, "fast": self.fast_drift},
             "thresholds": self.thresholds.to_dict(),
             "ssim_convention": dict(self.ssim_convention),
             "fail_on": self.fail_on,
@@ -306,4 +328,8 @@ class CheckReport:
             ],
             warnings=list(data.get("warnings") or []),
             ssim_convention=dict(data.get("ssim_convention") or SSIM_CONVENTION),
+            kernels=(data.get("kernels") or {}).get("profile", "torch"),
+            kernels_reason=(data.get("kernels") or {}).get("chosen_by", ""),
+            kernel_trials=list((data.get("kernels") or {}).get("trials") or []),
+            fast_drift=(data.get("measured_drift") or {}).get("fast"),
         )

@@ -99,6 +99,7 @@ def render_junit(report: CheckReport) -> str:
         ("dtype", report.dtype),
         ("pipeline_profile", report.pipeline_profile),
         ("noise_algorithm", f"{report.noise_algorithm} ({report.noise_algorithm_reason})"),
+        ("kernels", f"{report.kernels} ({report.kernels_reason})" if report.kernels_reason else report.kernels),
         ("fail_on", report.fail_on),
         ("thresholds", _thresholds_text(report)),
         ("ssim_convention", ", ".join(f"{k}={v}" for k, v in report.ssim_convention.items())),
