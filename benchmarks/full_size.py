@@ -346,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 @torch.no_grad()
 def triton_checks(aitk, theirs, freqs, model, v_first, latent, timestep, cond, repeats: int) -> dict:
     """ai-toolkit's Triton RMSNorm at full size: the warps its autotuner chose, whether re-tuning changes its
-    output, whether our own Triton RMSNorm prototype (``gpu_parity.make_triton_rms_norm``) pinned to those warps
-    equals it bit for bit, and how far each other warp count lands."""
+    output, whether our ``triton`` kernel profile pinned to those warps equals it bit for bit, and how far each other warp count lands."""
     import gpu_parity
 
     tuned = gpu_parity.autotuned_warps(aitk)
@@ -373,25 +372,22 @@ def triton_checks(aitk, theirs, freqs, model, v_first, latent, timestep, cond, r
         )
     out["retunes_vs_first_tuning"] = retunes
 
-    proto = gpu_parity.make_triton_rms_norm()
-    original = kernels.rms_norm
-    kernels.rms_norm = proto
+    profile = kernels.format_profile("triton", tuned)
     try:
-        gpu_parity._PROTO_WARPS.clear()
-        gpu_parity._PROTO_WARPS.update(tuned)
+        kernels.set_kernel_profile(profile)
         v = model(latent, timestep, cond.embeds, cond.mask)
-        out["ours_triton_proto_pinned"] = diff(v, v_first)
-        out["ours_triton_proto_forward_seconds"] = round(
+        out["ours_triton_profile"] = profile
+        out["ours_triton_pinned"] = diff(v, v_first)
+        out["ours_triton_forward_seconds"] = round(
             cuda_time(lambda: model(latent, timestep, cond.embeds, cond.mask), repeats)[0], 4
         )
         sweep = []
-        for nw in (1, 2, 4, 8, 16, 32):
-            gpu_parity._PROTO_WARPS.update({n: nw for n in tuned})
+        for nw in sorted(kernels.TRITON_WARPS):
+            kernels.set_kernel_profile(f"triton:{nw}")
             sweep.append({"num_warps": nw, **diff(model(latent, timestep, cond.embeds, cond.mask), v_first)})
-        out["ours_triton_proto_warp_sweep_vs_aitk_first_tuning"] = sweep
+        out["ours_triton_warp_sweep_vs_aitk_first_tuning"] = sweep
     finally:
-        kernels.rms_norm = original
-        gpu_parity._PROTO_WARPS.clear()
+        kernels.set_kernel_profile("torch")
     return out
 
 

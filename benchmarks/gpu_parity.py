@@ -10,8 +10,10 @@ Three questions, each answered per case/preview in a table and in ``<out>/gpu_pa
     (prompt embeddings passed in, ``align_res=False``, ``image_guidance_scale=1.0``, ``generator=torch.manual_seed``,
     noise drawn on the CPU) for the oracle's eight step-0 previews: pixel identical?
 (c) ai-toolkit's DEFAULT GPU path (Triton RMSNorm whenever triton imports, flash-attn when installed) against ours:
-    max/mean pixel difference and SSIM; and whether a Triton RMSNorm of our own (prototyped here, monkeypatched over
-    ``pipelines.omnigen2.kernels.rms_norm``) reproduces that path bit for bit.
+    max/mean pixel difference and SSIM; and whether our ``triton`` kernel profile (``pipelines/omnigen2/
+    triton_norm.py``) at the warp counts ai-toolkit's autotuner picked reproduces that path bit for bit.
+(d) ``parity check --kernels auto`` on copies of the oracle jobs whose step-0 previews are ai-toolkit's default-path
+    images from (c), saved as PNG: which noise and kernel profile it chooses, and whether every preview is EXACT.
 
 Also: our GPU replays against the CPU ground truth (``fixtures/oracle/ground_truth/<job>/png``, drawn with the
 oracle's torch 2.13 noise), and whether ai-toolkit's autotuned Triton RMSNorm is stable when re-tuned.
@@ -146,60 +148,6 @@ def aitk_forward(model, freqs, latent, timestep, text, mask, ref=None):
         latent, timestep, text, freqs, mask, ref_image_hidden_states=[[ref]] if ref is not None else None
     )
     return out.sample if hasattr(out, "sample") else out
-
-
-# ----------------------------------------------------------------------- a Triton RMSNorm of our own (prototype)
-
-_PROTO_WARPS: dict[int, int] = {}
-
-
-def make_triton_rms_norm():
-    """Our own Triton RMSNorm with ai-toolkit's numerics: one program per row, float32 sum of squares over a
-    power-of-two block, ``rstd = 1 / sqrt(var + eps)``, ``y = (x * rstd) * w`` in float32, rounded once.
-    The number of warps changes the reduction tree, so it is taken from ``_PROTO_WARPS[N]`` (what ai-toolkit's
-    autotuner chose), else 4."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _rms_fwd(X, Y, W, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
-        row = tl.program_id(0)
-        X += row * stride_x
-        Y += row * stride_y
-        cols = tl.arange(0, BLOCK_N)
-        x = tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
-        xbar = tl.where(cols < N, x, 0.0)
-        var = tl.sum(xbar * xbar, axis=0) / N
-        rstd = 1 / tl.sqrt(var + eps)
-        mask = cols < N
-        w = tl.load(W + cols, mask=mask).to(tl.float32)
-        y = x * rstd * w
-        tl.store(Y + cols, y, mask=mask)
-
-    def rms_norm(
-        x: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None
-    ) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        m, n = x2.shape
-        y = torch.empty_like(x2)
-        warps = num_warps or _PROTO_WARPS.get(n, 4)
-        _rms_fwd[(m,)](
-            x2,
-            y,
-            weight,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            eps,
-            BLOCK_N=triton.next_power_of_2(n),
-            num_warps=warps,
-        )
-        return y.reshape(shape)
-
-    return rms_norm
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -340,6 +288,43 @@ def aitk_replay(
         input_images=[],
     ).images[0]
     return np.asarray(image.convert("RGB"))
+
+
+def check_on_aitk_previews(rows: list[dict], pixels: list[np.ndarray], model: str, out_dir: Path) -> dict:
+    """(d): copies of the oracle jobs with ai-toolkit's default-path images as step-0 previews (PNG), checked with
+    ``--kernels auto`` and ``--noise auto`` on this card: what parity chooses and whether it replays them exactly."""
+    import shutil
+
+    from PIL import Image
+
+    from parity.check import CheckOptions, run_check
+    from parity.replay import ReplayOptions
+
+    jobs_root = Path(tempfile.mkdtemp(prefix="aitk_previews_"))
+    out = {}
+    for job in sorted({row["job"] for row in rows}):
+        folder = jobs_root / job
+        shutil.copytree(REPO / "fixtures/oracle/jobs" / job, folder)
+        for row, px in zip(rows, pixels, strict=True):
+            if row["job"] == job:
+                target = folder / "samples" / row["file"]
+                target.unlink()
+                Image.fromarray(px).save(target.with_suffix(".png"))
+        t0 = time.perf_counter()
+        report = run_check(folder, CheckOptions(
+            replay=ReplayOptions(base_model=model, device="cuda"), steps="0", out_dir=out_dir / f"check_{job}",
+            diagnose=False))
+        out[job] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "noise": f"{report.noise_algorithm} ({report.noise_algorithm_reason})",
+            "kernels": report.kernels,
+            "kernels_reason": report.kernels_reason,
+            "kernel_trials": report.kernel_trials,
+            "verdicts": [i.outcome.value for i in report.items],
+            "step0": report.base_drift,
+        }
+    kernels.set_kernel_profile("torch")
+    return out
 
 
 def load_png(path: Path) -> np.ndarray:
@@ -489,27 +474,26 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             block["retunes"] = retunes
-            # restore the first tuning for the prototype below (an autotuner re-run may pick other warps)
-            _PROTO_WARPS.clear()
-            _PROTO_WARPS.update({int(k): v for k, v in block["autotuned_num_warps"].items()})
         aitk_outputs[mode] = {"velocity": vel, "pixels": px, "aitk": aitk}
         for i, p in enumerate(px):
             images[f"{mode}_{i}"] = p
         results[mode] = block
         del theirs
 
-    # ---- a Triton RMSNorm of our own against ai-toolkit's default path
-    if triton_ok and "aitk_default" in aitk_outputs and results["aitk_default"].get("autotuned_num_warps"):
-        proto = make_triton_rms_norm()
-        original = kernels.rms_norm
-        kernels.rms_norm = proto
+    # ---- our triton kernel profile against ai-toolkit's default path
+    tuned = {int(k): v for k, v in (results.get("aitk_default") or {}).get("autotuned_num_warps", {}).items()}
+    if triton_ok and "aitk_default" in aitk_outputs and tuned:
+        from pipelines.omnigen2 import triton_norm
+
+        ref = aitk_outputs["aitk_default"]
+        profile = kernels.format_profile("triton", tuned)
+        kernels.set_kernel_profile(profile)
         try:
-            ref = aitk_outputs["aitk_default"]
             with torch.no_grad():
                 vel = [our_forward(ours_model, c) for c in cases]
             px = [pipe(request_of(row)).pixels for row in rows]
             block = {
-                "num_warps_used": {str(k): v for k, v in sorted(_PROTO_WARPS.items())},
+                "profile": profile,
                 "transformer": [
                     {"case": c["name"], **tensor_diff(v, o)}
                     for c, v, o in zip(cases, vel, ref["velocity"], strict=True)
@@ -525,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in sorted({config.hidden_size, config.text_feat_dim, 2048, 2520}):
                 x = (torch.randn(512, n, generator=g) * 3).to(device, dtype)
                 w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype)
-                outs = {nw: proto(x, w, 1e-5, num_warps=nw) for nw in (1, 2, 4, 8, 16, 32)}
+                outs = {nw: triton_norm.rms_norm(x, w, 1e-5, nw) for nw in kernels.TRITON_WARPS}
                 distinct = len({o.cpu().view(torch.int16).numpy().tobytes() for o in outs.values()})
                 torch_out = torch.nn.functional.rms_norm(x, (n,), w, 1e-5)
                 sens.append(
@@ -533,17 +517,15 @@ def main(argv: list[str] | None = None) -> int:
                         "N": n,
                         "distinct_results_over_num_warps_1_to_32": distinct,
                         "share_differing_from_torch_rms_norm": {
-                            nw: float((o != torch_out).float().mean()) for nw, o in outs.items()
+                            nw: float((o != torch_out).float().mean()) for nw, o in sorted(outs.items())
                         },
                     }
                 )
             block["warp_sensitivity"] = sens
-            # ai-toolkit's default path as its autotuner could have tuned it: our prototype (bit-exact with it at
-            # equal warps) with every width pinned to one warp count, against ai-toolkit's first tuning
-            tuned = dict(_PROTO_WARPS)
+            # every width pinned to one warp count, against ai-toolkit's first tuning
             sweep = []
-            for nw in (1, 2, 4, 8, 16, 32):
-                _PROTO_WARPS.update({n: nw for n in tuned})
+            for nw in sorted(kernels.TRITON_WARPS):
+                kernels.set_kernel_profile(f"triton:{nw}")
                 with torch.no_grad():
                     v_nw = [our_forward(ours_model, c) for c in cases]
                 px_nw = [pipe(request_of(row)).pixels for row in rows]
@@ -560,18 +542,16 @@ def main(argv: list[str] | None = None) -> int:
                         "replay_ssim_min": min(m["ssim"] for m in metrics),
                     }
                 )
-            _PROTO_WARPS.clear()
-            _PROTO_WARPS.update(tuned)
             block["warp_sweep_vs_aitk_first_tuning"] = sweep
             for i, p in enumerate(px):
-                images[f"ours_triton_proto_{i}"] = p
-            results["ours_triton_proto_vs_aitk_default"] = block
+                images[f"ours_triton_{i}"] = p
+            results["ours_triton_vs_aitk_default"] = block
         finally:
-            kernels.rms_norm = original
+            kernels.set_kernel_profile("torch")
+        results["check_auto_on_aitk_default_previews"] = check_on_aitk_previews(
+            rows, ref["pixels"], args.model, out_dir)
     elif on_cuda:
-        results["ours_triton_proto_vs_aitk_default"] = {
-            "skipped": "triton not importable or ai-toolkit did not use it"
-        }
+        results["ours_triton_vs_aitk_default"] = {"skipped": "triton not importable or ai-toolkit did not use it"}
 
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out_dir / "gpu_parity.json").write_text(json.dumps(results, indent=2, default=str))
@@ -612,9 +592,9 @@ def print_table(results: dict) -> None:
                     f"  re-tuned: num_warps {r['num_warps']}, cases equal to the first tuning: "
                     f"{[c['equal'] for c in r['cases']]}, max|d| {max(c['max_abs_diff'] for c in r['cases']):.4g}"
                 )
-    proto = results.get("ours_triton_proto_vs_aitk_default")
+    proto = results.get("ours_triton_vs_aitk_default")
     if proto and "skipped" not in proto:
-        print(f"\n[our Triton RMSNorm prototype vs ai-toolkit default] num_warps {proto['num_warps_used']}")
+        print(f"\n[our kernel profile {proto['profile']} vs ai-toolkit default]")
         for r in proto["transformer"]:
             print(
                 f"  {r['case']:38s} {str(r['equal']):>6s} {r['max_abs_diff']:10.4g} {r['mean_abs_diff']:10.4g}"
@@ -635,7 +615,11 @@ def print_table(results: dict) -> None:
                 f"share != torch.rms_norm {s['share_differing_from_torch_rms_norm']}"
             )
     elif proto:
-        print(f"\n[our Triton RMSNorm prototype] skipped: {proto['skipped']}")
+        print(f"\n[our triton kernel profile] skipped: {proto['skipped']}")
+    for job, r in (results.get("check_auto_on_aitk_default_previews") or {}).items():
+        print(f"\n[parity check --kernels auto, {job} with ai-toolkit default-path previews] {r['seconds']} s")
+        print(f"  noise {r['noise']}\n  kernels {r['kernels']} ({r['kernels_reason']})")
+        print(f"  verdicts {r['verdicts']}; step-0 {r['step0']}")
     print("\n[ours on this device vs the CPU ground truth PNGs, oracle noise torch2.13-avx2]")
     for r in results["ours_gpu_vs_cpu_ground_truth"]:
         print(
