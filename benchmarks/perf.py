@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: aitk,fast,compile,job,legacy,eager,aitk_default",
+        help="comma list of parts to skip: aitk,fast_eager,compile,fast (the compiled default),job,legacy,eager,"
+        "aitk_default,exact_triton",
     )
     ap.add_argument("--job-size", type=int, default=256)
     ap.add_argument("--job-checkpoints", type=int, default=10)
@@ -554,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--study", action="store_true", help="also an attention micro-benchmark and kernel profiles"
     )
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --fast (e.g. max-autotune-no-cudagraphs; default: its default)")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model of the same family on any device")
     args = ap.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -680,11 +683,12 @@ def main(argv: list[str] | None = None) -> int:
         aitk_mode("aitk_same_kernels", False)
 
     # ---- --fast: eager, then torch.compile + CUDA graphs
-    if not over_budget("fast"):
+    if not over_budget("fast_eager"):
         fast_eager = make_pipe(model, vae, encodings, device, dtype, fast=True, graphs=False)
         run_mode("fast_eager", lambda: fast_eager(request).pixels)
     if not over_budget("compile"):
         model.compile_fast = True
+        model.compile_mode = args.compile_mode
         model._fast_fns = None
         library_default = kernels.fast_attention_setting()
         for setting in [x for x in args.fast_attention.split(",") if x]:

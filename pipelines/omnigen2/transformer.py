@@ -304,6 +304,7 @@ class OmniGen2Transformer(nn.Module):
         self._device_cache: dict[tuple, object] = {}
         self._fast_fns = None
         self.compile_fast = False  # --fast: torch.compile the block halves around attention
+        self.compile_mode: str | None = None  # torch.compile's mode for them (None: its default)
         self.hooks_epoch = 0  # bumped by LoraPatcher when forward hooks change (CUDA graphs are then stale)
 
     def rotation_tables(self) -> list[torch.Tensor]:
@@ -474,7 +475,9 @@ class OmniGen2Transformer(nn.Module):
 
                 # one compiled graph serves every block (parameters are inputs); shapes go dynamic on the 2nd size
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                self._fast_fns = (torch.compile(_fast_pre, dynamic=None), torch.compile(_fast_post, dynamic=None))
+                mode = self.compile_mode
+                self._fast_fns = (torch.compile(_fast_pre, dynamic=None, mode=mode),
+                                  torch.compile(_fast_post, dynamic=None, mode=mode))
             else:
                 self._fast_fns = (_fast_pre, _fast_post)
         return self._fast_fns
