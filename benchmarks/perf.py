@@ -535,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: aitk,fast_eager,compile,fast (the compiled default),job,legacy,eager,"
-        "aitk_default,exact_triton",
+        help="comma list of parts to skip: exact_serial,aitk,fast_eager,compile,fast (the compiled default),job,legacy,"
+        "eager,aitk_default,exact_triton",
     )
     ap.add_argument("--job-size", type=int, default=256)
     ap.add_argument("--job-checkpoints", type=int, default=10)
@@ -664,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
             "replays": exact.graphs.replays,
             "disabled": exact.graphs.disabled,
         }
+
+    # ---- ours, exact, both CFG passes on one stream (before the second-stream change): must be identical
+    if not over_budget("exact_serial"):
+        model.concurrent_texts = False
+        serial = make_pipe(model, vae, encodings, device, dtype)
+        run_mode("exact_serial", lambda: serial(request).pixels)
+        model.concurrent_texts = True
+        del serial
 
     # ---- ai-toolkit's own pipeline, same kernels (its pixels must equal ours)
     sys_path = None

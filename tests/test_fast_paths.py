@@ -135,6 +135,21 @@ def test_cuda_graph_steps_equal_eager_bit_for_bit():
     assert graphed.graphs.disabled is None and graphed.graphs.replays > 0
 
 
+@pytest.mark.gpu
+def test_concurrent_cfg_passes_equal_serial_ones_bit_for_bit():
+    """The unconditional pass on a second CUDA stream: the same kernels on the same inputs, eager and graphed."""
+    comps = load_components(TINY, torch.bfloat16, "cuda")
+    comps.transformer.concurrent_texts = False
+    serial = [OmniGen2Pipeline(comps, cuda_graphs=False)(r).pixels for r in REQUESTS]
+    comps.transformer.concurrent_texts = True
+    for graphs in (False, True):
+        pipe = OmniGen2Pipeline(comps, cuda_graphs=graphs)
+        for r, expected in zip(REQUESTS, serial, strict=True):
+            assert np.array_equal(pipe(r).pixels, expected), (graphs, r)
+            assert np.array_equal(pipe(r).pixels, expected), (graphs, r)
+    assert comps.transformer._side_stream is not None
+
+
 def test_next_merged_round_swaps_incrementally_to_the_same_weights(monkeypatch):
     """From round k's merged state, round k+1 needs only round k's merge-out and its own merge: the same weights,
     bit for bit, as restoring the base and replaying every earlier round."""
