@@ -2,8 +2,9 @@
 
 Replays are cached under ``<out>/replays/`` by a key of everything that determines their pixels and written
 atomically as each one finishes, so a re-run reuses them and a run killed half way loses nothing finished.
-Each replay's decode, PNG and scores finish on a worker thread while the next replay runs on the GPU. Under
-``torchrun`` the replays are shared between the ranks and rank 0 writes the report (``parity/distributed.py``).
+Each replay's decode, PNG, scores and report card images finish on a worker thread while the next replay runs on
+the GPU. Under ``torchrun`` the replays are shared between the ranks and rank 0 writes the report
+(``parity/distributed.py``), assembling the card images every rank left in the report folder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from parity.plan import ReplayItem, ReplayPlan, build_plan
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, load_rgb, score_replay
+from reports.html import save_card_images
 
 PIPELINE_PROFILES = {
     "aitoolkit": "aitoolkit-omnigen2-preview",  # reproduce the training previews
@@ -159,7 +161,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         except Exception as exc:
             return PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
                                  causes=causes, preview_path=preview_path, error=f"{type(exc).__name__}: {exc}")
-        return scored_result(item, causes, preview_path, info, png, score)
+        return with_card(scored_result(item, causes, preview_path, info, png, score), out)
 
     by_index: dict[int, PreviewResult] = {}
     finishing: list[tuple[int, Future]] = []
@@ -186,10 +188,11 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                 if external is not None:
                     _, info = replayer.prepare(item)
                     score = score_replay(preview_path, load_rgb(external), options.thresholds)
-                    by_index[index] = scored_result(item, causes, preview_path, info, external, score)
+                    by_index[index] = with_card(scored_result(item, causes, preview_path, info, external, score), out)
                 elif options.pipeline == "server":
                     score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
-                    by_index[index] = scored_result(item, departures + causes, preview_path, info, png, score)
+                    by_index[index] = with_card(
+                        scored_result(item, departures + causes, preview_path, info, png, score), out)
                 else:
                     key, info = replayer.prepare(item)
                     png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
@@ -333,6 +336,18 @@ def scored_result(item, causes, preview_path, info, png, score) -> PreviewResult
         causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
     return PreviewResult(item.file, item.step, item.prompt_index, settings, True, "", score=score,
                          causes=causes, preview_path=preview_path, replay_png=png)
+
+
+def with_card(result: PreviewResult, out: Path) -> PreviewResult:
+    """Make ``result``'s report card images now, where the replay finished (the worker thread, on every rank),
+    so that writing the report only assembles them. The score's full-size maps are then no longer needed and
+    are dropped: the results stay small to gather. On any failure the report makes the images itself."""
+    try:
+        result.card_file = save_card_images(result, out)
+    except Exception:
+        return result
+    result.score.ssim_map = result.score.diff_map = None
+    return result
 
 
 def serve(replayer, plan, job, item, preview_path, replays_dir, options):

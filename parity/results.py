@@ -137,6 +137,8 @@ class PreviewResult:
     preview_path: Path | None = None
     replay_png: Path | None = None
     error: str | None = None  # the replay crashed with this message
+    # The card images (reports.html.save_card_images), made as the replay finished; not part of parity.json.
+    card_file: Path | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.preview_path = _path(self.preview_path)

@@ -6,15 +6,22 @@ worst previews and the causes, the SSIM-over-steps chart, and a card per preview
 replay used, findings and causes with their evidence. Everything that comes from user data is escaped
 (jinja2 autoescape); a Content-Security-Policy allows only the page's own script and style (by hash) and data:
 images, so even a missed escape could not load or run anything.
+
+The images of a card (four PNG encodings: most of a big report's time) can be made ahead, where each replay
+finishes (``save_card_images``, on every rank under torchrun); rendering then reads them back. The page is the
+same byte for byte either way.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,18 +140,51 @@ def _metric_rows(report: CheckReport, item: PreviewResult) -> list[MetricRow]:
     ]
 
 
-def _card_images(card: Card) -> None:
+@dataclass
+class CardImages:
+    """What a preview card shows as pictures: data: URIs by name (preview, replay, diff, ssim), the preview's size
+    and a note when an image is missing. The costly part of a report (four PNG encodings per preview), so
+    ``parity check`` makes it on its worker thread as each replay finishes (``save_card_images``) and the report
+    only reads it back (``PreviewResult.card_file``)."""
+
+    images: dict[str, str] = field(default_factory=dict)
+    size: tuple[int, int] | None = None
+    note: str = ""
+
+    def to_bytes(self) -> bytes:
+        """A card file: a magic line, a JSON line (size, note), then one ``name data:URI`` line per image
+        (megabytes of base64 each: split, not JSON-scanned, when read back)."""
+        head = json.dumps({"size": self.size, "note": self.note})
+        lines = [CARD_FILE_MAGIC, head] + [f"{name} {uri}" for name, uri in self.images.items()]
+        return "\n".join(lines).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CardImages:
+        lines = data.decode("ascii").split("\n")
+        if lines[0] != CARD_FILE_MAGIC or len(lines) < 2:
+            raise ValueError("not a parity card file of this version")
+        head = json.loads(lines[1])
+        images = dict(line.split(" ", 1) for line in lines[2:])
+        size = head.get("size")
+        return cls(images, (int(size[0]), int(size[1])) if size else None, str(head.get("note") or ""))
+
+
+CARD_FILE_MAGIC = "parity-card 1"
+CARDS_FOLDER = ".parity-cards"  # in the report folder: per-run, consumed (deleted) by write_reports
+
+
+def card_images(item: PreviewResult) -> CardImages:
     """Inline the preview, the replay encoded like it, and the two heatmaps."""
-    item = card.item
+    card = CardImages()
     if item.preview_path is None or not item.preview_path.is_file():
-        card.image_note = "The preview image is not available."
-        return
+        card.note = "The preview image is not available."
+        return card
     try:
         if item.score is None or item.replay_png is None or not item.replay_png.is_file():
             preview = load_rgb(item.preview_path)
             card.images["preview"] = _data_uri(preview)
             if item.score is not None:
-                card.image_note = "The replay image is not available."
+                card.note = "The replay image is not available."
         else:
             preview, replay, _ = comparison_images(
                 item.preview_path, load_rgb(item.replay_png), item.score.encoding
@@ -159,11 +199,54 @@ def _card_images(card: Card) -> None:
                 ssim=_data_uri(ssim_heatmap(ssim_map)),
             )
     except InputError as exc:
-        card.images.clear()
-        card.image_note = f"The images could not be read: {exc.line()}"
-        return
+        return CardImages(note=f"The images could not be read: {exc.line()}")
     card.size = (preview.shape[1], preview.shape[0])
-    card.pixelated = preview.shape[1] < _PIXELATED_BELOW
+    return card
+
+
+def save_card_images(item: PreviewResult, out_dir: Path) -> Path:
+    """Make ``item``'s card images now and write them under ``out_dir`` (the report folder, shared by every
+    rank under torchrun); returns the file for ``PreviewResult.card_file``. Written atomically: a reader sees
+    a complete file or none."""
+    folder = Path(out_dir) / CARDS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    data = card_images(item).to_bytes()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", item.preview_file)[:80]
+    path = folder / f"{name}-{hashlib.sha256(item.preview_file.encode()).hexdigest()[:12]}.card"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".card")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_card_file(path: Path | None) -> CardImages | None:
+    """A card file made for this run, or None (absent or unreadable: the report then makes the images itself)."""
+    if path is None:
+        return None
+    try:
+        return CardImages.from_bytes(Path(path).read_bytes())
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _unchanged_by_escaping(text: str) -> str:
+    """``text`` as Markup when escaping would leave it as it is (a base64 data: URI always), so the template
+    copies it instead of escaping megabytes character by character; the page's bytes are the same either way."""
+    return text if any(ch in text for ch in "&<>\"'") else Markup(text)
+
+
+def _card_images(card: Card) -> None:
+    """Fill ``card``'s pictures: from the file made on the worker thread, else made here."""
+    found = _read_card_file(card.item.card_file) or card_images(card.item)
+    card.images = {name: _unchanged_by_escaping(uri) for name, uri in found.images.items()}
+    card.image_note = found.note
+    card.size = found.size
+    card.pixelated = found.size is not None and found.size[0] < _PIXELATED_BELOW
 
 
 def _cards(report: CheckReport) -> list[Card]:
@@ -223,6 +306,12 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: CheckReport) -> str:
     """The text of report.html."""
+    return "".join(html_chunks(report))
+
+
+def html_chunks(report: CheckReport) -> Iterator[str]:
+    """The text of report.html in pieces, in order: written out as they come, a big report (hundreds of
+    megabytes of inlined images) is never held as one string."""
     css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
     js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     csp = (
@@ -234,7 +323,7 @@ def render_html(report: CheckReport) -> str:
     cards = _cards(report)
     card_of = {id(card.item): card for card in cards}
     template = _environment().get_template("report.html.jinja")
-    return template.render(
+    return template.generate(
         report=report,
         counts=report.counts,
         outcome_meaning=OUTCOME_MEANING,

@@ -63,6 +63,33 @@ def test_passing_merged_rounds_name_their_residual(reports):
             assert "fp16-rounded LoRA" in residual.title
 
 
+def test_card_images_made_as_replays_finish_give_the_same_report(reports):
+    """Each preview's card images (the costly part of report.html) are made on the worker thread as its replay
+    finishes; report.html and parity.json are byte for byte what the report makes by itself without them."""
+    from reports import write_reports
+    from reports.html import CARDS_FOLDER, render_html
+    from reports.json_report import render_json
+
+    report = reports["og2_basic"]
+    scored = [i for i in report.items if i.score is not None]
+    assert len(scored) == 12 and all(i.card_file is not None and i.card_file.is_file() for i in scored)
+    assert all(i.score.ssim_map is None and i.score.diff_map is None for i in scored)  # small to gather
+    out = scored[0].card_file.parent.parent
+    assert scored[0].card_file.parent.name == CARDS_FOLDER
+    precomputed = render_html(report), render_json(report, out)
+    files = [i.card_file for i in report.items]
+    try:
+        for item in report.items:
+            item.card_file = None
+        assert (render_html(report), render_json(report, out)) == precomputed
+    finally:
+        for item, file in zip(report.items, files, strict=True):
+            item.card_file = file
+    write_reports(report, out)  # uses the card files, then deletes them
+    assert (out / "report.html").read_text(encoding="utf-8") == precomputed[0]
+    assert not (out / CARDS_FOLDER).exists()
+
+
 def test_in_memory_weights_make_merged_rounds_exact(tmp_path):
     options = CheckOptions(
         replay=ReplayOptions(base_model=str(TINY), lora_overrides=in_memory("og2_basic")), out_dir=tmp_path

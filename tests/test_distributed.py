@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,14 @@ def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
     second = json.loads((tmp_path / "two" / "parity.json").read_text())
     assert comparable(second) == comparable(first)
     assert len(first["previews"]) == 12
+    # report.html too: rank 1's card images came through the shared folder, byte for byte the same page
+    pages = [
+        re.sub(r"<dt>created</dt><dd>[^<]*</dd>", "", (tmp_path / name / "report.html").read_text(encoding="utf-8"))
+        .replace(str(tmp_path / name), "OUT")
+        for name in ("one", "two")
+    ]
+    assert pages[0] == pages[1]
+    assert not (tmp_path / "two" / ".parity-cards").exists()
     # every replay was written by one of the ranks into the shared cache, byte-identical to the one-process run
     names = sorted(p.name for p in (tmp_path / "one" / "replays").glob("*.png"))
     assert names == sorted(p.name for p in (tmp_path / "two" / "replays").glob("*.png"))
