@@ -129,7 +129,8 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
             progress("choosing the noise algorithm")
         plain = options.pipeline == "aitoolkit" and not options.images_dir
         replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
-                                        on_replay=keep_probe if plain else None)
+                                        on_replay=keep_probe if plain else None,
+                                        clear_ssim=options.thresholds.drift_min_ssim)
         clock.mark("noise choice")
         if plain:
             if progress:

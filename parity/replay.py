@@ -23,6 +23,9 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
           "fp32": "float32", "float32": "float32", "float": "float32"}
 # Distinct CPU draw algorithms worth trying when choosing automatically (2.11's two paths draw bf16 alike).
 NOISE_CANDIDATES = ("torch2.11-avx512", "torch2.11-scalar", "torch2.13-avx2", "torch2.13-scalar")
+# A candidate draw scoring below this on a step-0 preview made another picture (a wrong draw scores ~0.07), so a
+# candidate at the DRIFT threshold or above while every other stays below it is chosen from one preview.
+CLEARLY_UNRELATED_SSIM = 0.5
 
 
 @dataclass
@@ -291,13 +294,26 @@ class Replayer:
 
     # -- noise ---------------------------------------------------------------------------------------------
     def choose_noise_algorithm(
-        self, score_fn, max_previews: int = 2, part: tuple[int, int] = (0, 1), gather=None, on_replay=None
+        self,
+        score_fn,
+        max_previews: int = 2,
+        part: tuple[int, int] = (0, 1),
+        gather=None,
+        on_replay=None,
+        clear_ssim: float = 0.90,
+        unrelated_ssim: float = CLEARLY_UNRELATED_SSIM,
     ) -> tuple[str, str]:
         """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best.
 
+        In two stages: every distinct candidate replays the first step-0 preview; when the best reaches
+        ``clear_ssim`` (pass the DRIFT threshold: the same picture) and every other stays below
+        ``unrelated_ssim`` (a wrong draw gives an unrelated picture, SSIM about 0.07), that decides it. Otherwise
+        every candidate replays the other probes too and the best mean SSIM wins.
+
         Several processes share the work: ``part = (rank, world)`` replays every ``world``-th (candidate, probe)
-        pair and ``gather`` (a dict of scores -> the merged dict of every rank) joins them; every rank then picks
-        the same.
+        pair of a stage and ``gather`` (a dict of scores -> the merged dict of every rank) joins them; every rank
+        then decides the same. Where a stage leaves a rank idle, it takes a pair of the next stage in advance
+        (free: the others are still replaying; its replay is reused if that candidate wins).
         ``on_replay(item, algorithm, replay)`` sees each probe replay (to cache it: the winner's are reused).
         """
         from pipelines.omnigen2 import noise
@@ -318,26 +334,37 @@ class Replayer:
             if fingerprint not in seen:  # identical draws: same algorithm for this dtype
                 seen.add(fingerprint)
                 names.append(name)
+        rank, world = part
+        first = [(name, 0) for name in names]
+        rest = [(name, index) for index in range(1, len(probes)) for name in names]
+        ahead = -len(first) % world  # idle slots of the first stage
+        stages = [first + rest[:ahead], rest[ahead:]]
         found: dict[tuple[str, int], float] = {}
-        units = [(name, index) for name in names for index in range(len(probes))]
-        for name, index in units[part[0] :: part[1]]:  # this process's share of (candidate, probe) replays
-            item = probes[index]
-            replay = self.replay(item, name)
-            if on_replay is not None:
-                on_replay(item, name, replay)
-            found[(name, index)] = score_fn(item, replay.pixels)
-        if gather is not None:
-            found = gather(found)
-        scores = {name: [found[(name, index)] for index in range(len(probes))] for name in names}
+        used = 1
+        for stage, units in enumerate(stages):
+            for name, index in units[rank::world]:  # this process's share of the stage's replays
+                item = probes[index]
+                replay = self.replay(item, name)
+                if on_replay is not None:
+                    on_replay(item, name, replay)
+                found[(name, index)] = score_fn(item, replay.pixels)
+            if gather is not None:
+                found = gather(found)
+            if stage == 0:
+                first_scores = sorted((found[(name, 0)] for name in names), reverse=True)
+                if first_scores[0] >= clear_ssim and all(s < unrelated_ssim for s in first_scores[1:]):
+                    break
+            used = len(probes)
+        scores = {name: [found[(name, index)] for index in range(used)] for name in names}
         ranked = sorted(scores.items(), key=lambda kv: (-float(np.mean(kv[1])), names.index(kv[0])))
         best, best_scores = ranked[0]
         self.noise_algorithm = best
-        runner = (
-            f"; next {ranked[1][0]} {np.mean(ranked[1][1]):.3f}" if len(ranked) > 1 else ""
-        )
-        self.noise_reason = (
-            f"chosen from {len(probes)} step-0 preview(s): mean SSIM {np.mean(best_scores):.3f}{runner}"
-        )
+        runner = f"; next {ranked[1][0]} {np.mean(ranked[1][1]):.3f}" if len(ranked) > 1 else ""
+        if used == 1:
+            clear = " (clear at once, so no second was replayed)" if len(probes) > 1 else ""
+            self.noise_reason = f"chosen from 1 step-0 preview{clear}: SSIM {best_scores[0]:.3f}{runner}"
+        else:
+            self.noise_reason = f"chosen from {used} step-0 previews: mean SSIM {np.mean(best_scores):.3f}{runner}"
         return self.noise_algorithm, self.noise_reason
 
     def step0_probes(self) -> list[ReplayItem]:

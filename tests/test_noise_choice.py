@@ -1,0 +1,114 @@
+"""The staged noise-algorithm choice: one step-0 preview when it is clear, the second when it is not, and the
+same choice on every rank of a torchrun split. Replays are faked here (scores by candidate); the real choice on
+the oracle previews is pinned in test_oracle_replay.py."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fixtures import ORACLE_DIR
+from parity.plan import build_plan
+from parity.replay import Replayer, ReplayOptions
+
+# bf16 draws: torch 2.11's two paths agree, so three distinct candidates
+DRAW = {"torch2.11-avx512": 0.0, "torch2.11-scalar": 0.0, "torch2.13-avx2": 1.0, "torch2.13-scalar": 2.0}
+CANDIDATES = ("torch2.11-avx512", "torch2.13-avx2", "torch2.13-scalar")
+
+
+def fake_replayer(monkeypatch, log: list) -> Replayer:
+    plan = build_plan(ORACLE_DIR / "jobs" / "og2_basic")  # three step-0 previews: two are probes
+    monkeypatch.setattr(Replayer, "_noise_for", lambda self, item, name: torch.tensor([DRAW[name]]))
+
+    def replay(item, algorithm=None, **kwargs):
+        log.append((algorithm, item.prompt_index))
+        return SimpleNamespace(pixels=(algorithm, item.prompt_index))
+
+    replayer = Replayer(plan, ReplayOptions(base_model="unused"))
+    replayer.replay = replay
+    return replayer
+
+
+def scorer(table: dict[tuple[str, int], float]):
+    return lambda item, pixels: table.get(pixels, 0.07)
+
+
+def test_a_clear_first_preview_decides_without_the_second(monkeypatch):
+    log = []
+    name, reason = fake_replayer(monkeypatch, log).choose_noise_algorithm(scorer({("torch2.13-avx2", 0): 0.93}))
+    assert name == "torch2.13-avx2"
+    assert sorted(log) == sorted((c, 0) for c in CANDIDATES)  # 3 replays, not 6
+    assert reason == (
+        "chosen from 1 step-0 preview (clear at once, so no second was replayed): SSIM 0.930; "
+        "next torch2.11-avx512 0.070"
+    )
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {("torch2.13-avx2", 0): 0.85, ("torch2.13-avx2", 1): 0.99},  # best below the DRIFT threshold
+        {("torch2.13-avx2", 0): 1.0, ("torch2.13-scalar", 0): 0.6, ("torch2.13-avx2", 1): 1.0},  # runner-up close
+    ],
+)
+def test_an_unclear_first_preview_goes_on_to_the_second(monkeypatch, table):
+    log = []
+    name, reason = fake_replayer(monkeypatch, log).choose_noise_algorithm(scorer(table))
+    assert name == "torch2.13-avx2"
+    assert sorted(log) == sorted((c, i) for c in CANDIDATES for i in (0, 1))
+    assert reason.startswith("chosen from 2 step-0 previews: mean SSIM ")
+
+
+def test_the_clear_threshold_is_the_callers(monkeypatch):
+    log = []
+    table = {("torch2.13-avx2", 0): 0.93}
+    fake_replayer(monkeypatch, log).choose_noise_algorithm(scorer(table), clear_ssim=0.95)
+    assert len(log) == 6
+
+
+def run_ranks(monkeypatch, world: int, table) -> list[tuple[list, tuple[str, str]]]:
+    """``world`` replayers in threads, joined by an all-gather of their score dicts (as check.py's ``merged``)."""
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+
+    def gather_for(rank):
+        def gather(scores):
+            slots[rank] = dict(scores)
+            barrier.wait()
+            merged = {k: v for part in slots for k, v in part.items()}
+            barrier.wait()
+            return merged
+
+        return gather
+
+    logs = [[] for _ in range(world)]
+    replayers = [fake_replayer(monkeypatch, logs[r]) for r in range(world)]
+    results: list = [None] * world
+
+    def work(rank):
+        results[rank] = replayers[rank].choose_noise_algorithm(scorer(table), part=(rank, world), gather=gather_for(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return list(zip(logs, results, strict=True))
+
+
+def test_torchrun_split_decides_the_same_on_every_rank(monkeypatch):
+    # clear: 3 first-preview replays over 2 ranks; the idle slot takes a second-preview replay in advance
+    ranks = run_ranks(monkeypatch, 2, {("torch2.13-avx2", 0): 1.0})
+    assert [len(log) for log, _ in ranks] == [2, 2]
+    assert sorted(u for log, _ in ranks for u in log) == sorted([(c, 0) for c in CANDIDATES] + [(CANDIDATES[0], 1)])
+    assert {result for _, result in ranks} == {ranks[0][1]} and ranks[0][1][0] == "torch2.13-avx2"
+    assert "chosen from 1 step-0 preview" in ranks[0][1][1]
+    # unclear: every (candidate, probe) pair once over both ranks, 3 each
+    ranks = run_ranks(monkeypatch, 2, {("torch2.13-avx2", 0): 0.8, ("torch2.13-avx2", 1): 0.9})
+    assert [len(log) for log, _ in ranks] == [3, 3]
+    assert sorted(u for log, _ in ranks for u in log) == sorted((c, i) for c in CANDIDATES for i in (0, 1))
+    assert {result for _, result in ranks} == {ranks[0][1]}
+    assert ranks[0][1][1].startswith("chosen from 2 step-0 previews: mean SSIM 0.850")
