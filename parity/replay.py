@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -341,20 +342,34 @@ class Replayer:
         stages = [first + rest[:ahead], rest[ahead:]]
         found: dict[tuple[str, int], float] = {}
         used = 1
-        for stage, units in enumerate(stages):
-            for name, index in units[rank::world]:  # this process's share of the stage's replays
-                item = probes[index]
-                replay = self.replay(item, name)
-                if on_replay is not None:
-                    on_replay(item, name, replay)
-                found[(name, index)] = score_fn(item, replay.pixels)
-            if gather is not None:
-                found = gather(found)
-            if stage == 0:
-                first_scores = sorted((found[(name, 0)] for name in names), reverse=True)
-                if first_scores[0] >= clear_ssim and all(s < unrelated_ssim for s in first_scores[1:]):
-                    break
-            used = len(probes)
+
+        def finish(item: ReplayItem, name: str, replay: Replay) -> float:
+            pixels = replay.wait()
+            if on_replay is not None:
+                on_replay(item, name, replay)
+            return score_fn(item, pixels)
+
+        # On a GPU each probe replay is queued and scored (and cached) on a worker thread while the next one
+        # runs; on the CPU the replays use every core, so the scoring waits its turn.
+        on_gpu = self.options.device.startswith("cuda")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-probe") as worker:
+            for stage, units in enumerate(stages):
+                queued = []
+                for name, index in units[rank::world]:  # this process's share of the stage's replays
+                    replay = self.replay(probes[index], name, deferred=on_gpu)
+                    if on_gpu:
+                        queued.append(((name, index), worker.submit(finish, probes[index], name, replay)))
+                    else:
+                        found[(name, index)] = finish(probes[index], name, replay)
+                for unit, future in queued:
+                    found[unit] = future.result()
+                if gather is not None:
+                    found = gather(found)
+                if stage == 0:
+                    first_scores = sorted((found[(name, 0)] for name in names), reverse=True)
+                    if first_scores[0] >= clear_ssim and all(s < unrelated_ssim for s in first_scores[1:]):
+                        break
+                used = len(probes)
         scores = {name: [found[(name, index)] for index in range(used)] for name in names}
         ranked = sorted(scores.items(), key=lambda kv: (-float(np.mean(kv[1])), names.index(kv[0])))
         best, best_scores = ranked[0]

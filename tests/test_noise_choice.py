@@ -19,15 +19,16 @@ DRAW = {"torch2.11-avx512": 0.0, "torch2.11-scalar": 0.0, "torch2.13-avx2": 1.0,
 CANDIDATES = ("torch2.11-avx512", "torch2.13-avx2", "torch2.13-scalar")
 
 
-def fake_replayer(monkeypatch, log: list) -> Replayer:
+def fake_replayer(monkeypatch, log: list, device: str = "cpu") -> Replayer:
     plan = build_plan(ORACLE_DIR / "jobs" / "og2_basic")  # three step-0 previews: two are probes
     monkeypatch.setattr(Replayer, "_noise_for", lambda self, item, name: torch.tensor([DRAW[name]]))
 
     def replay(item, algorithm=None, **kwargs):
         log.append((algorithm, item.prompt_index))
-        return SimpleNamespace(pixels=(algorithm, item.prompt_index))
+        pixels = (algorithm, item.prompt_index)
+        return SimpleNamespace(pixels=pixels, wait=lambda: pixels)
 
-    replayer = Replayer(plan, ReplayOptions(base_model="unused"))
+    replayer = Replayer(plan, ReplayOptions(base_model="unused", device=device))
     replayer.replay = replay
     return replayer
 
@@ -36,9 +37,11 @@ def scorer(table: dict[tuple[str, int], float]):
     return lambda item, pixels: table.get(pixels, 0.07)
 
 
-def test_a_clear_first_preview_decides_without_the_second(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # cuda: scored on a worker thread (the replay is faked)
+def test_a_clear_first_preview_decides_without_the_second(monkeypatch, device):
     log = []
-    name, reason = fake_replayer(monkeypatch, log).choose_noise_algorithm(scorer({("torch2.13-avx2", 0): 0.93}))
+    replayer = fake_replayer(monkeypatch, log, device)
+    name, reason = replayer.choose_noise_algorithm(scorer({("torch2.13-avx2", 0): 0.93}))
     assert name == "torch2.13-avx2"
     assert sorted(log) == sorted((c, 0) for c in CANDIDATES)  # 3 replays, not 6
     assert reason == (
