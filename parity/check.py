@@ -92,6 +92,8 @@ def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
 
 def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[str], None] | None = None):
     """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
+    dist = distributed.current()
+    clock = PhaseClock(dist.rank)
     plan = build_plan(job_dir, options.assets_dir)
     items = select_items(plan, options.steps)
     out = Path(options.out_dir).resolve()
@@ -102,8 +104,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     replays_dir = out / "replays"
     samples = Path(plan.job_dir) / "samples"
 
-    dist = distributed.current()
-    clock = PhaseClock(dist.rank)
+    clock.mark("plan")
 
     def score_of(item: ReplayItem, pixels: np.ndarray):
         return score_replay(samples / item.file, pixels, options.thresholds)
@@ -124,7 +125,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     fast_drift = None
     if replayable:
         replayer.load()
-        clock.mark("load")
+        clock.mark("load", load_detail(replayer.load_timings))
         if progress:
             progress("choosing the noise algorithm")
         plain = options.pipeline == "aitoolkit" and not options.images_dir
@@ -299,18 +300,43 @@ def kernel_profile_name() -> str:
 
 
 class PhaseClock:
-    """Seconds per phase of a run, printed to stderr when ``PARITY_TIMINGS`` is set (scale-out measurements)."""
+    """Seconds per phase of a run, printed to stderr when ``PARITY_TIMINGS`` is set (scale-out measurements).
+    The first line is the time from the process's start (interpreter, imports, joining the process group)."""
 
     def __init__(self, rank: int):
         self.rank = rank
         self.on = bool(os.environ.get("PARITY_TIMINGS"))
         self.last = time.perf_counter()
+        age = seconds_since_process_start() if self.on else None
+        if age is not None:
+            print(f"[rank {self.rank}] startup: {age:.2f}s", file=sys.stderr, flush=True)
 
-    def mark(self, phase: str) -> None:
+    def mark(self, phase: str, detail: str = "") -> None:
         now = time.perf_counter()
         if self.on:
-            print(f"[rank {self.rank}] {phase}: {now - self.last:.2f}s", file=sys.stderr, flush=True)
+            more = f" ({detail})" if detail else ""
+            print(f"[rank {self.rank}] {phase}: {now - self.last:.2f}s{more}", file=sys.stderr, flush=True)
         self.last = now
+
+
+def load_detail(parts: dict[str, float]) -> str:
+    """The base load's parts in words: the transformer on its own thread (GPU) or first, then the rest."""
+    rest = ", ".join(f"{name} {parts[name]:.2f}s" for name in ("libraries", "vae", "mllm", "tokenizer") if name in parts)
+    if "transformer" not in parts:
+        return rest
+    alongside = " on its own thread, alongside" if parts.get("overlapped") else ","
+    return f"transformer {parts['transformer']:.2f}s{alongside} {rest}"
+
+
+def seconds_since_process_start() -> float | None:
+    """How long this process has run, from /proc (Linux); None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 FAST_WARNING = (

@@ -120,6 +120,7 @@ class Replayer:
         self._state: tuple | None = None
         self._base_fingerprint: str | None = None
         self._mllm_variants: dict[bool, object] | None = None
+        self.load_timings: dict[str, float] = {}  # seconds per part of the base load (pipelines' Components)
 
     # -- loading -------------------------------------------------------------------------------------------
     def base_model_path(self) -> str:
@@ -167,6 +168,7 @@ class Replayer:
         components.transformer.compile_fast = bool(self.options.fast and compile_fast)
         self._patcher = LoraPatcher(components.transformer)
         self._base_fingerprint = model_fingerprint(root)
+        self.load_timings = dict(components.timings)
 
     def first_kernel_profile(self) -> str:
         """The profile asked for, or with ``auto`` the likeliest: ai-toolkit's default GPU path where its Triton

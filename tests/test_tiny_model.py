@@ -167,3 +167,24 @@ def test_pickle_only_weights_folder_is_refused(broken_copy, rel):
     with pytest.raises(ModelLoadError, match="pickle checkpoint: parity loads safetensors only") as info:
         load_components(broken_copy)
     assert info.value.path == str(pickle_file)
+
+
+def test_transformer_loaded_on_its_own_thread_is_the_same_and_its_error_comes_first(
+    tiny_dir, components, broken_copy, monkeypatch
+):
+    """The overlap used on a GPU (transformer on a second thread), forced here on the CPU."""
+    from pipelines.omnigen2 import loading
+
+    monkeypatch.setattr(loading, "overlap_transformer_load", lambda device: True)
+    overlapped = load_components(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    for part in ("transformer", "vae", "mllm"):
+        ours, theirs = getattr(overlapped, part).state_dict(), getattr(components, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert set(overlapped.timings) == {"transformer", "libraries", "vae", "mllm", "tokenizer", "overlapped"}
+    assert overlapped.timings["overlapped"] == 1 and components.timings["overlapped"] == 0
+    # both the transformer and the VAE broken: the transformer's error, as when loaded one after the other
+    (broken_copy / WEIGHT_FILES[0]).unlink()
+    (broken_copy / WEIGHT_FILES[1]).write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="no safetensors weights found") as info:
+        load_components(broken_copy)
+    assert info.value.path.startswith(str(broken_copy / "transformer"))

@@ -3,9 +3,12 @@ Hugging Face cache, offline. Safetensors only: pickle checkpoints are refused, n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ class Components:
     scheduler_config: dict
     dtype: torch.dtype
     device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part of the load (overlapped: 1 or 0)
 
     def scheduler(self) -> FlowMatchEulerScheduler:
         return FlowMatchEulerScheduler.from_config(self.scheduler_config)
@@ -173,24 +177,71 @@ def quiet_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
+def overlap_transformer_load(device: torch.device) -> bool:
+    """Whether the transformer loads on its own thread: on a GPU (see ``load_components``)."""
+    return device.type == "cuda"
+
+
 def load_components(
     name_or_path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Components:
-    """Load every part of OmniGen2 once. The MLLM, transformer and VAE all run in ``dtype`` (no autocast)."""
+    """Load every part of OmniGen2 once. The MLLM, transformer and VAE all run in ``dtype`` (no autocast).
+
+    On a GPU the transformer's weights (most of the bytes) are copied there on a second thread while this one
+    imports diffusers and transformers and loads the VAE, the MLLM and the tokenizer: the copies run without
+    the GIL, importing and ``from_pretrained`` mostly with it, so the two overlap. (On the CPU the weights stay
+    memory-mapped, a fraction of a second: nothing to overlap.) ``Components.timings`` has each part's
+    seconds."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quiet_libraries()
     root = resolve_model_dir(name_or_path)
     check_layout(root)
     device = torch.device(device)
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[name] = time.perf_counter() - start
+        return result
+
+    def the_rest():
+        timed("libraries", quiet_libraries)
+        vae = timed("vae", load_vae, root, dtype, device)
+        mllm = timed("mllm", load_mllm, root, dtype, device)
+        return vae, mllm, timed("tokenizer", load_tokenizer, root)
+
+    timings["overlapped"] = float(overlap_transformer_load(device))
+    if timings["overlapped"]:
+        # "cuda" means this thread's current device (torchrun's rank sets it); another thread starts on device 0.
+        explicit = device
+        if device.type == "cuda" and device.index is None:
+            explicit = torch.device("cuda", torch.cuda.current_device())
+
+        def transformer_on_its_thread():
+            with torch.cuda.device(explicit) if explicit.type == "cuda" else contextlib.nullcontext():
+                return timed("transformer", load_transformer, root, dtype, explicit)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-load") as pool:
+            pending = pool.submit(transformer_on_its_thread)
+            try:
+                vae, mllm, tokenizer = the_rest()
+            except BaseException:
+                pending.result()  # its error first (the transformer is the first part checked), else ours
+                raise
+            transformer = pending.result()
+    else:
+        transformer = timed("transformer", load_transformer, root, dtype, device)
+        vae, mllm, tokenizer = the_rest()
     return Components(
         root=root,
-        transformer=load_transformer(root, dtype, device),
-        vae=load_vae(root, dtype, device),
-        mllm=load_mllm(root, dtype, device),
-        tokenizer=load_tokenizer(root),
+        transformer=transformer,
+        vae=vae,
+        mllm=mllm,
+        tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         dtype=dtype,
         device=device,
+        timings=timings,
     )
