@@ -123,12 +123,12 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
 
     replayable = [i for i in items if i.replayable]
     fast_drift = None
+    plain = options.pipeline == "aitoolkit" and not options.images_dir
     if replayable:
         replayer.load()
         clock.mark("load", load_detail(replayer.load_timings))
         if progress:
             progress("choosing the noise algorithm")
-        plain = options.pipeline == "aitoolkit" and not options.images_dir
         replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
                                         on_replay=keep_probe if plain else None,
                                         clear_ssim=options.thresholds.drift_min_ssim)
@@ -144,9 +144,20 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                 progress("measuring --fast against exact mode")
             fast_drift = replayer.fast_drift(replayer.step0_probes()[:1])
 
-    # This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones).
+    def in_cache(item: ReplayItem) -> bool:
+        """Whether a step-0 base-model preview's replay is in the replay cache already (replayed with the chosen
+        draw and kernels while choosing them, or by an earlier run). The same on every rank: the choices end in
+        an exchange, and the cache is shared. Later rounds are not looked up: their key needs their LoRA merged."""
+        if not (plain and options.use_cache and item.step == 0 and item.weights == "base"):
+            return False
+        key, _ = replayer.prepare(item)
+        return (replays_dir / f"{Path(item.file).stem}-{key[:16]}.png").is_file()
+
+    # This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones),
+    # balanced by the work left: a replay already in the cache costs nothing.
     replay_indices = [i for i, item in enumerate(items) if item.replayable]
-    shares = distributed.shard([distributed.replay_cost(items[i]) for i in replay_indices], dist.world)
+    costs = [0.0 if in_cache(items[i]) else distributed.replay_cost(items[i]) for i in replay_indices]
+    shares = distributed.shard(costs, dist.world)
     mine = {replay_indices[j] for j in shares[dist.rank]}
     if dist.is_main:
         mine |= {i for i, item in enumerate(items) if not item.replayable}
@@ -309,14 +320,19 @@ class PhaseClock:
         self.last = time.perf_counter()
         age = seconds_since_process_start() if self.on else None
         if age is not None:
-            print(f"[rank {self.rank}] startup: {age:.2f}s", file=sys.stderr, flush=True)
+            self._print(f"startup: {age:.2f}s")
 
     def mark(self, phase: str, detail: str = "") -> None:
         now = time.perf_counter()
         if self.on:
             more = f" ({detail})" if detail else ""
-            print(f"[rank {self.rank}] {phase}: {now - self.last:.2f}s{more}", file=sys.stderr, flush=True)
+            self._print(f"{phase}: {now - self.last:.2f}s{more}")
         self.last = now
+
+    def _print(self, text: str) -> None:
+        # One write per line: under torchrun every rank writes to the same stream.
+        sys.stderr.write(f"[rank {self.rank}] {text}\n")
+        sys.stderr.flush()
 
 
 def load_detail(parts: dict[str, float]) -> str:

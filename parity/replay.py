@@ -113,6 +113,7 @@ class Replayer:
         self.noise_reason = "given with --noise"
         self.kernel_reason = "given with --kernels"
         self.kernel_trials: list[dict] = []  # each kernel profile tried by choose_kernels, against its probe
+        self.noise_probes: set[str] = set()  # preview files the chosen draw was replayed for while choosing it
         self._pipe = None
         self._patcher = None
         self._loras: dict[Path, object] = {}
@@ -376,6 +377,7 @@ class Replayer:
         ranked = sorted(scores.items(), key=lambda kv: (-float(np.mean(kv[1])), names.index(kv[0])))
         best, best_scores = ranked[0]
         self.noise_algorithm = best
+        self.noise_probes = {probes[index].file for name, index in found if name == best}
         runner = f"; next {ranked[1][0]} {np.mean(ranked[1][1]):.3f}" if len(ranked) > 1 else ""
         if used == 1:
             clear = " (clear at once, so no second was replayed)" if len(probes) > 1 else ""
