@@ -47,10 +47,10 @@ TARGETS = (
 )
 
 
-def write_base(root: Path, config: OmniGen2Config, device, seed: int = 0) -> None:
+def write_base(root: Path, config: OmniGen2Config, device, seed: int = 0, tiny_vae: bool = False) -> None:
     from safetensors.torch import save_file
 
-    from fixtures.tiny_model import SCHEDULER_CONFIG, _write_json, write_mllm, write_processor
+    from fixtures.tiny_model import SCHEDULER_CONFIG, _write_json, write_mllm, write_processor, write_vae
 
     model = build_transformer(config, device, torch.bfloat16, seed)
     (root / "transformer").mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,10 @@ def write_base(root: Path, config: OmniGen2Config, device, seed: int = 0) -> Non
         str(root / "transformer" / "diffusion_pytorch_model.safetensors"),
     )
     del model
-    build_vae(device, torch.bfloat16, seed).save_pretrained(root / "vae", safe_serialization=True)
+    if tiny_vae:  # the fixtures' 16-channel VAE: a CPU decodes it in milliseconds
+        write_vae(root / "vae", seed)
+    else:
+        build_vae(device, torch.bfloat16, seed).save_pretrained(root / "vae", safe_serialization=True)
     vocab = write_processor(root / "processor")
     write_mllm(root / "mllm", vocab, config.text_feat_dim, seed)
     (root / "scheduler").mkdir(exist_ok=True)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--smoke", action="store_true", help="a 2-layer transformer (tests the script)")
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer transformer and a tiny VAE (tests on a CPU)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     config = OmniGen2Config()
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = time.perf_counter()
-    write_base(out / "base", config, device)
+    write_base(out / "base", config, device, tiny_vae=args.smoke)
     previews = write_job(
         out / "job", out / "base", config, args.size, args.checkpoints, args.prompts, args.steps, args.every
     )
