@@ -252,7 +252,7 @@ def check_command(
         start = time.perf_counter()
         paths = write_reports(report, out)
         if os.environ.get("PARITY_TIMINGS"):
-            print(f"[rank 0] reports: {time.perf_counter() - start:.2f}s", file=sys.stderr)
+            sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
         _print_summary(report, paths)
         raise typer.Exit(report.exit_code)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -277,7 +277,7 @@ def check_command(
     start = time.perf_counter()
     paths = write_reports(report, out)
     if os.environ.get("PARITY_TIMINGS"):
-        print(f"[rank 0] reports: {time.perf_counter() - start:.2f}s", file=sys.stderr)
+        sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
     _print_summary(report, paths)
     raise typer.Exit(report.exit_code)
 
