@@ -118,3 +118,31 @@ def test_torchrun_split_decides_the_same_on_every_rank(monkeypatch):
     assert sorted(u for log, _ in ranks for u in log) == sorted((c, i) for c in CANDIDATES for i in (0, 1))
     assert {result for _, result in ranks} == {ranks[0][1]}
     assert ranks[0][1][1].startswith("chosen from 2 step-0 previews: mean SSIM 0.850")
+
+
+def near_draws(monkeypatch):
+    """torch 2.13's vector and scalar draws as they are at full size: the same but for 1 value in 10k."""
+    draws = {name: torch.full((10000,), DRAW[name]) for name in DRAW}
+    draws["torch2.13-scalar"] = draws["torch2.13-avx2"].clone()
+    draws["torch2.13-scalar"][1234] = 5.0
+    monkeypatch.setattr(Replayer, "_noise_for", lambda self, item, name: draws[name])
+
+
+def test_a_nearly_same_draw_scoring_high_too_does_not_make_the_choice_unclear(monkeypatch):
+    log = []
+    replayer = fake_replayer(monkeypatch, log)
+    near_draws(monkeypatch)
+    table = {("torch2.13-avx2", 0): 0.97, ("torch2.13-scalar", 0): 0.99}
+    name, reason = replayer.choose_noise_algorithm(scorer(table))
+    assert name == "torch2.13-scalar" and len(log) == 3
+    assert reason == (
+        "chosen from 1 step-0 preview (clear at once, so no second was replayed): SSIM 0.990; next torch2.13-avx2 "
+        "0.970 (nearly the same draw: 1 of 10000 values differ); then torch2.11-avx512 0.070"
+    )
+    # an unrelated draw scoring high is another matter: the second preview is replayed
+    log.clear()
+    table[("torch2.11-avx512", 0)] = 0.6
+    replayer = fake_replayer(monkeypatch, log)
+    near_draws(monkeypatch)
+    replayer.choose_noise_algorithm(scorer(table))
+    assert len(log) == 6
