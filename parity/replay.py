@@ -353,7 +353,9 @@ class Replayer:
             return differing(a, b) <= NEAR_DRAW_SHARE * draws[a].size
         rank, world = part
         first = [(name, 0) for name in names]
-        rest = [(name, index) for index in range(1, len(probes)) for name in names]
+        # this torch's own draw first among the rest: the likeliest to be reused when taken in advance
+        likely = sorted(names, key=lambda n: n != native)
+        rest = [(name, index) for index in range(1, len(probes)) for name in likely]
         ahead = -len(first) % world  # idle slots of the first stage
         stages = [first + rest[:ahead], rest[ahead:]]
         found: dict[tuple[str, int], float] = {}
