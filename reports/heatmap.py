@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -41,7 +42,15 @@ def diff_scale(levels: np.ndarray | float) -> np.ndarray:
 
 def diff_heatmap(diff_map: np.ndarray) -> np.ndarray:
     """RGB heatmap of a per-pixel absolute difference map (H x W, 0-255)."""
+    diff_map = np.asarray(diff_map)
+    if diff_map.dtype == np.uint8:  # every pixel is one of 256 levels: look their colours up (same values)
+        return _diff_colours()[diff_map]
     return colormap(diff_scale(diff_map))
+
+
+@lru_cache(maxsize=1)
+def _diff_colours() -> np.ndarray:
+    return colormap(diff_scale(np.arange(256)))
 
 
 def ssim_heatmap(ssim_map: np.ndarray) -> np.ndarray:

@@ -351,6 +351,14 @@ def test_colormap_is_dark_for_zero_and_bright_for_one():
     assert np.all(np.diff(ramp) > 0)  # lightness rises monotonically
 
 
+def test_difference_heatmap_of_levels_is_the_colormap_of_each_level():
+    from reports.heatmap import diff_scale
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(diff_heatmap(levels), colormap(diff_scale(levels)))
+    assert np.array_equal(diff_heatmap(levels.astype(np.int16)), diff_heatmap(levels))
+
+
 def test_heatmap_png_round_trips():
     diff = np.array([[0, 1, 8], [32, 128, 255]], dtype=np.uint8)
     rgb = diff_heatmap(diff)
