@@ -118,6 +118,15 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         fresh[replay.key] = replay.pixels
         save_png_atomic(replays_dir / f"{Path(item.file).stem}-{replay.key[:16]}.png", replay.pixels)
 
+    def cached_pixels(item: ReplayItem, key: str) -> np.ndarray | None:
+        """A probe's pixels from this run's replays or the replay cache: the choices replay nothing twice."""
+        if key in fresh:
+            return fresh[key]
+        png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+        if options.use_cache and png.is_file():
+            return np.array(Image.open(png).convert("RGB"))
+        return None
+
     def merged(scores: dict) -> dict:
         return {name: values for part in dist.all_gather(scores) for name, values in part.items()}
 
@@ -131,13 +140,15 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
             progress("choosing the noise algorithm")
         replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
                                         on_replay=keep_probe if plain else None,
-                                        clear_ssim=options.thresholds.drift_min_ssim)
+                                        clear_ssim=options.thresholds.drift_min_ssim,
+                                        lookup=cached_pixels if plain else None)
         clock.mark("noise choice")
         if plain:
             if progress:
                 progress("choosing the kernels")
             replayer.choose_kernels(score_of, part=(dist.rank, dist.world),
-                                    gather=merged if dist.world > 1 else None, on_replay=keep_probe)
+                                    gather=merged if dist.world > 1 else None, on_replay=keep_probe,
+                                    lookup=cached_pixels)
             clock.mark("kernel choice")
         if dist.is_main and options.replay.fast:
             if progress:

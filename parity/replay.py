@@ -80,6 +80,7 @@ class Replay:
     residuals: list[str]  # known sources of difference that the files cannot remove
     lora_problem: str | None = None  # unmatched LoRA keys, named
     pending: object | None = None  # deferred replays: PendingPixels (pixels is None until ``wait``)
+    cached: bool = False  # the pixels came from the replay cache (replay_or_cached), not from a replay
 
     def wait(self) -> np.ndarray:
         """The pixels, waiting for a deferred replay's decode and copy if needed."""
@@ -309,6 +310,7 @@ class Replayer:
         on_replay=None,
         clear_ssim: float = 0.90,
         unrelated_ssim: float = CLEARLY_UNRELATED_SSIM,
+        lookup=None,
     ) -> tuple[str, str]:
         """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best.
 
@@ -323,7 +325,8 @@ class Replayer:
         pair of a stage and ``gather`` (a dict of scores -> the merged dict of every rank) joins them; every rank
         then decides the same. Where a stage leaves a rank idle, it takes a pair of the next stage in advance
         (free: the others are still replaying; its replay is reused if that candidate wins).
-        ``on_replay(item, algorithm, replay)`` sees each probe replay (to cache it: the winner's are reused).
+        ``on_replay(item, algorithm, replay)`` sees each probe replay (to cache it: the winner's are reused);
+        ``lookup(item, key)`` gives a probe's pixels from the replay cache, if there (no replay then).
         """
         from pipelines.omnigen2 import noise
 
@@ -363,7 +366,7 @@ class Replayer:
 
         def finish(item: ReplayItem, name: str, replay: Replay) -> float:
             pixels = replay.wait()
-            if on_replay is not None:
+            if on_replay is not None and not replay.cached:
                 on_replay(item, name, replay)
             return score_fn(item, pixels)
 
@@ -374,7 +377,7 @@ class Replayer:
             for stage, units in enumerate(stages):
                 queued = []
                 for name, index in units[rank::world]:  # this process's share of the stage's replays
-                    replay = self.replay(probes[index], name, deferred=on_gpu)
+                    replay = self.replay_or_cached(probes[index], name, lookup, deferred=on_gpu)
                     if on_gpu:
                         queued.append(((name, index), worker.submit(finish, probes[index], name, replay)))
                     else:
@@ -419,7 +422,7 @@ class Replayer:
         return sorted({int(m.weight.shape[0]) for m in modules if isinstance(m, RMSNorm)})
 
     def choose_kernels(
-        self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None
+        self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None, lookup=None
     ) -> tuple[str, str]:
         """With ``--kernels auto``: the kernel profile that reproduces a step-0 preview bit for bit.
 
@@ -428,7 +431,9 @@ class Replayer:
         (``kernels.kernel_candidates``) are replayed on the first step-0 preview, likeliest first, and the first
         EXACT one wins; ``score_fn(item, pixels)`` is ``parity.scores.score_replay``'s Score. Ranks share the
         candidates (``part``, ``gather`` as in ``choose_noise_algorithm``). What each candidate gave is kept in
-        ``kernel_trials`` for the report: the measured drift of the kernel choice.
+        ``kernel_trials`` for the report: the measured drift of the kernel choice. ``lookup(item, key)`` gives a
+        probe's pixels from the replay cache if there (the noise choice replayed the first one with the likeliest
+        kernels already).
         """
         import torch
 
@@ -461,7 +466,7 @@ class Replayer:
             if part[0] < len(batch):
                 spec = batch[part[0]]
                 kernels.set_kernel_profile(spec)
-                mine[spec] = self._kernel_trial(spec, probes, score_fn, on_replay)
+                mine[spec] = self._kernel_trial(spec, probes, score_fn, on_replay, lookup)
             found.update(gather(mine) if gather is not None else mine)
             chosen = next((spec for spec in batch if found.get(spec, {}).get("identical")), None)
             if chosen:
@@ -488,14 +493,14 @@ class Replayer:
         kernels.set_kernel_profile(chosen)
         return kernels.kernel_profile(), self.kernel_reason
 
-    def _kernel_trial(self, spec: str, probes: list[ReplayItem], score_fn, on_replay) -> dict:
+    def _kernel_trial(self, spec: str, probes: list[ReplayItem], score_fn, on_replay, lookup=None) -> dict:
         """Replay the step-0 previews with the active kernels until one differs (a wrong set costs one replay; the
-        right one's replays are the run's own, kept through ``on_replay``)."""
+        right one's replays are the run's own, kept through ``on_replay``; ``lookup`` as in choose_kernels)."""
         trial = {"kernels": spec, "identical": False, "probes_identical": 0, "probes_tried": 0,
                  "ssim": 1.0, "max_abs_diff": 0, "mean_abs_diff": 0.0}
         for probe in probes:
-            replay = self.replay(probe)
-            if on_replay is not None:
+            replay = self.replay_or_cached(probe, lookup=lookup)
+            if on_replay is not None and not replay.cached:
                 on_replay(probe, self.noise_algorithm, replay)
             score = score_fn(probe, replay.pixels)
             metrics = score.metrics
@@ -615,6 +620,17 @@ class Replayer:
         if generation:
             pixels = generation_size_output(self.pipeline, output)
         return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"], pending=output.pending)
+
+    def replay_or_cached(self, item: ReplayItem, algorithm: str | None = None, lookup=None,
+                         deferred: bool = False) -> Replay:
+        """``item``'s replay, or the pixels ``lookup(item, key)`` finds in the replay cache for its key (then
+        nothing is replayed: ``Replay.cached``)."""
+        if lookup is not None:
+            key, info = self.prepare(item, algorithm)
+            pixels = lookup(item, key)
+            if pixels is not None:
+                return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"], cached=True)
+        return self.replay(item, algorithm, deferred=deferred)
 
     def _select_text_encoder(self, knobs: Knobs) -> None:
         """Swap in a quantised (or plain) text encoder when the knob asks for the other one."""

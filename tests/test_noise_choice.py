@@ -150,3 +150,20 @@ def test_a_nearly_same_draw_scoring_high_too_does_not_make_the_choice_unclear(mo
     near_draws(monkeypatch)
     replayer.choose_noise_algorithm(scorer(table))
     assert len(log) == 6
+
+
+def test_probes_in_the_replay_cache_are_not_replayed_again(monkeypatch):
+    """A re-run: every first-preview replay is in the cache already, so the choice replays nothing."""
+    log = []
+    replayer = fake_replayer(monkeypatch, log)
+    replayer.prepare = lambda item, algorithm=None: (f"{algorithm}|{item.prompt_index}", {
+        "weights": "base", "residuals": [], "lora_problem": None})
+    seen = []
+
+    def lookup(item, key):
+        name, index = key.split("|")
+        return (name, int(index)) if int(index) == 0 else None
+
+    name, _ = replayer.choose_noise_algorithm(scorer({("torch2.13-avx2", 0): 1.0}), lookup=lookup,
+                                              on_replay=lambda *a: seen.append(a))
+    assert name == "torch2.13-avx2" and log == [] and seen == []  # nothing replayed, nothing cached again
