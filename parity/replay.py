@@ -430,10 +430,12 @@ class Replayer:
         ai-toolkit normalised with an autotuned Triton kernel whose warp counts no file records, so the candidates
         (``kernels.kernel_candidates``) are replayed on the first step-0 preview, likeliest first, and the first
         EXACT one wins; ``score_fn(item, pixels)`` is ``parity.scores.score_replay``'s Score. Ranks share the
-        candidates (``part``, ``gather`` as in ``choose_noise_algorithm``). What each candidate gave is kept in
-        ``kernel_trials`` for the report: the measured drift of the kernel choice. ``lookup(item, key)`` gives a
-        probe's pixels from the replay cache if there (the noise choice replayed the first one with the likeliest
-        kernels already).
+        candidates (``part``, ``gather`` as in ``choose_noise_algorithm``): each replays its own on the first
+        preview, and a candidate identical there is checked on the others by every rank, each replaying its share
+        (the replays of the run itself when it is the one). One process tries them in the same order and stops
+        where it would have. What each candidate gave is kept in ``kernel_trials`` for the report: the measured
+        drift of the kernel choice. ``lookup(item, key)`` gives a probe's pixels from the replay cache if there
+        (the noise choice replayed the first one with the likeliest kernels already).
         """
         import torch
 
@@ -457,18 +459,26 @@ class Replayer:
             kernels.set_kernel_profile(candidates[0])
             self.kernel_reason = "no step-0 preview to choose from: ai-toolkit's default GPU path"
             return kernels.kernel_profile(), self.kernel_reason
-        world = part[1]
+        rank, world = part
         found: dict[str, dict] = {}
         chosen = None
         for start in range(0, len(candidates), world):
             batch = candidates[start : start + world]
             mine = {}
-            if part[0] < len(batch):
-                spec = batch[part[0]]
-                kernels.set_kernel_profile(spec)
-                mine[spec] = self._kernel_trial(spec, probes, score_fn, on_replay, lookup)
+            if rank < len(batch):  # this rank's candidate, on the first preview
+                kernels.set_kernel_profile(batch[rank])
+                mine[batch[rank]] = self._kernel_trial(batch[rank], probes[:1], score_fn, on_replay, lookup)
             found.update(gather(mine) if gather is not None else mine)
-            chosen = next((spec for spec in batch if found.get(spec, {}).get("identical")), None)
+            for spec in batch:  # in order, the ones identical there: on the other previews, shared by the ranks
+                if not found[spec]["identical"]:
+                    continue
+                kernels.set_kernel_profile(spec)
+                share = self._kernel_trial(spec, probes[1:][rank::world], score_fn, on_replay, lookup)
+                shares = gather({rank: share}) if gather is not None else {rank: share}
+                found[spec] = merged_trial(found[spec], [shares[r] for r in sorted(shares)], len(probes))
+                if found[spec]["identical"]:
+                    chosen = spec
+                    break
             if chosen:
                 break
         self.kernel_trials = [found[spec] for spec in candidates if spec in found]
@@ -648,6 +658,19 @@ class Replayer:
                 quantize_module(fresh, self.plan.qtype_te or "qfloat8", "text encoder")
             self._mllm_variants[want] = fresh
         components.mllm = self._mllm_variants[want]
+
+
+def merged_trial(first: dict, shares: list[dict], probes: int) -> dict:
+    """A kernel trial on the first preview joined with the trials of the others' shares (see choose_kernels)."""
+    trial = dict(first)
+    for share in shares:
+        trial["probes_tried"] += share["probes_tried"]
+        trial["probes_identical"] += share["probes_identical"]
+        trial["ssim"] = min(trial["ssim"], share["ssim"])
+        trial["max_abs_diff"] = max(trial["max_abs_diff"], share["max_abs_diff"])
+        trial["mean_abs_diff"] = max(trial["mean_abs_diff"], share["mean_abs_diff"])
+    trial["identical"] = trial["probes_identical"] == probes
+    return trial
 
 
 def quirks_generation_size(item: ReplayItem) -> tuple[int, int]:

@@ -1,0 +1,116 @@
+"""--kernels auto's search, with the replays faked (the real ones need CUDA and Triton: test_kernels.py): one
+process tries the candidates in order and stops where it did before; under torchrun the ranks screen one
+candidate each on the first step-0 preview and share the other previews of one identical there."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from fixtures import ORACLE_DIR
+from parity.plan import build_plan
+from parity.replay import Replayer, ReplayOptions
+from pipelines.omnigen2 import kernels, triton_norm
+
+CANDIDATES = ["triton:16", "torch", "triton:8", "triton:4"]
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Kernel profiles per thread (each thread plays one rank), the search's inputs fixed."""
+    local = threading.local()
+    monkeypatch.setattr(kernels, "set_kernel_profile", lambda spec: setattr(local, "spec", spec))
+    monkeypatch.setattr(kernels, "kernel_profile", lambda: getattr(local, "spec", "torch"))
+    monkeypatch.setattr(kernels, "kernel_candidates", lambda widths, budget: list(CANDIDATES))
+    monkeypatch.setattr(triton_norm, "available", lambda: None)
+    monkeypatch.setattr(Replayer, "load", lambda self: None)
+    monkeypatch.setattr(Replayer, "block_norm_widths", lambda self: [72])
+
+
+def replayer(log: list) -> Replayer:
+    plan = build_plan(ORACLE_DIR / "jobs" / "og2_basic")  # three step-0 previews
+    r = Replayer(plan, ReplayOptions(base_model="unused", device="cuda", noise_algorithm="torch2.13-avx2"))
+
+    def replay(item, algorithm=None, **kwargs):
+        log.append((kernels.kernel_profile(), item.prompt_index))
+        return SimpleNamespace(pixels=(kernels.kernel_profile(), item.prompt_index), cached=False)
+
+    r.replay = replay
+    return r
+
+
+def scorer(exact: set[tuple[str, int]]):
+    def score(item, pixels):
+        same = pixels in exact
+        metrics = SimpleNamespace(ssim=1.0 if same else 0.98, max_abs_diff=0 if same else 6, mean_abs_diff=0.0)
+        return SimpleNamespace(metrics=metrics, verdict=SimpleNamespace(value="EXACT" if same else "PASS"))
+
+    return score
+
+
+def made_with(spec: str, previews=(0, 1, 2)) -> set[tuple[str, int]]:
+    return {(spec, i) for i in previews}
+
+
+def test_one_process_tries_in_order_and_stops_at_each_wrong_sets_first_difference(fake_kernels):
+    log = []
+    spec, reason = replayer(log).choose_kernels(scorer(made_with("triton:8")))
+    assert spec == "triton:8" and reason == "reproduces all 3 step-0 preview(s) bit for bit (3 kernel sets tried)"
+    assert log == [("triton:16", 0), ("torch", 0), ("triton:8", 0), ("triton:8", 1), ("triton:8", 2)]
+
+
+def test_a_set_identical_on_the_first_preview_only_goes_on_to_the_next(fake_kernels):
+    log = []
+    r = replayer(log)
+    spec, _ = r.choose_kernels(scorer(made_with("triton:16", (0,)) | made_with("torch")))
+    assert spec == "torch"
+    assert log == [("triton:16", 0), ("triton:16", 1), ("torch", 0), ("torch", 1), ("torch", 2)]
+    first = r.kernel_trials[0]
+    assert (first["probes_identical"], first["probes_tried"], first["identical"]) == (1, 2, False)
+
+
+def test_cached_replays_are_not_replayed(fake_kernels):
+    log = []
+    r = replayer(log)
+    r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}", {"weights": "base", "residuals": [],
+                                                                        "lora_problem": None})
+    cached = {"k0": ("triton:16", 0)}  # the noise choice replayed the first preview with the likeliest set
+    spec, _ = r.choose_kernels(scorer(made_with("triton:16")), lookup=lambda item, key: cached.get(key))
+    assert spec == "triton:16" and log == [("triton:16", 1), ("triton:16", 2)]
+
+
+def test_torchrun_ranks_screen_one_set_each_and_share_the_other_previews(fake_kernels):
+    world = 2
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+
+    def gather_for(rank):
+        def gather(mine):
+            slots[rank] = dict(mine)
+            barrier.wait()
+            out = {k: v for part in slots for k, v in part.items()}
+            barrier.wait()
+            return out
+
+        return gather
+
+    logs = [[] for _ in range(world)]
+    results: list = [None] * world
+
+    def work(rank):
+        r = replayer(logs[rank])
+        chosen = r.choose_kernels(scorer(made_with("triton:8")), part=(rank, world), gather=gather_for(rank))
+        results[rank] = (chosen, r.kernel_trials)
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results[0] == results[1] and results[0][0][0] == "triton:8"
+    assert logs[0] == [("triton:16", 0), ("triton:8", 0), ("triton:8", 1)]
+    assert logs[1] == [("torch", 0), ("triton:4", 0), ("triton:8", 2)]
+    chosen = next(t for t in results[0][1] if t["kernels"] == "triton:8")
+    assert (chosen["probes_identical"], chosen["probes_tried"], chosen["identical"]) == (3, 3, True)
