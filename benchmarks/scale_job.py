@@ -9,10 +9,10 @@ Writes ``<out>/base``: a diffusers-layout OmniGen2 with the full-size transforme
 bf16 weights as ``full_size.py`` draws them), a FLUX-shaped random VAE, and the fixtures' 2-layer Qwen2.5-VL
 (hidden 2048, the transformer's text width) with its tokenizer; and ``<out>/job``: ``config.yaml``, one random
 rank-16 LoRA checkpoint (float16, ai-toolkit's key names and module choice) every ``--every`` steps, and a
-random JPEG q75 preview for every prompt at step 0 and at each checkpoint. The previews are noise, so their
-verdicts are FAIL (run ``--no-diagnose``), except the first ``--real-step0`` (default 2) step-0 previews: those
-are real replays of the base model with torch 2.13's AVX2 draw, saved as ai-toolkit saves a preview, so that
-``parity check`` chooses the noise draw as on a real job (clear from the first, not 2 x 3 replays of noise).
+random JPEG q75 preview for every prompt at each checkpoint. Those previews are noise, so their verdicts are
+FAIL (run ``--no-diagnose``). The step-0 previews (the base model alone) are real: what the base model makes with
+torch 2.13's AVX2 draw and, on CUDA, ai-toolkit's default kernels, saved as ai-toolkit saves a preview, so that
+``parity check`` chooses the noise draw and the kernels as on a real job (``--real-step0 N``: only the first N).
 What is timed is the replays, which are real.
 """
 
@@ -188,15 +188,16 @@ def write_job(
 REAL_DRAW = "torch2.13-avx2"  # the trainer's torch: 2.13 on an AVX2/AVX-512 CPU
 
 
-def write_real_step0(job: Path, base: Path, count: int, device: str) -> None:
-    """Overwrite the first ``count`` step-0 previews with what the base model makes for them (ai-toolkit's
-    ``image.save(path)``: Pillow's JPEG q75)."""
+def write_real_step0(job: Path, base: Path, count: int | None, device: str) -> None:
+    """Overwrite the step-0 previews (the first ``count``; None: all) with what the base model makes for them:
+    REAL_DRAW, the likeliest kernels (ai-toolkit's default GPU path on CUDA), saved by ai-toolkit's
+    ``image.save(path)``: Pillow's JPEG q75."""
     from PIL import Image
 
     from parity.plan import build_plan
     from parity.replay import Replayer, ReplayOptions
 
-    if count <= 0:
+    if count is not None and count <= 0:
         return
     plan = build_plan(job)
     replayer = Replayer(plan, ReplayOptions(base_model=str(base), device=device, noise_algorithm=REAL_DRAW))
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="a 2-layer transformer and a tiny VAE (tests on a CPU)")
-    ap.add_argument("--real-step0", type=int, default=2, metavar="N",
-                    help="replace the first N step-0 previews by real replays (the noise choice's probes)")
+    ap.add_argument("--real-step0", type=int, default=None, metavar="N",
+                    help="real replays for only the first N step-0 previews (default: all of them)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     config = OmniGen2Config()

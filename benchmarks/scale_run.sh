@@ -8,13 +8,13 @@
 #
 # Job size. Everything (writing the job, both runs) has to fit one 10-minute device call with room to spare.
 # At 1024x1024 one exact replay takes ~3.9 s on an H100 at 20 steps (~4.9 s at 25), and every process pays a
-# fixed cost once (start-up, base load, noise choice, report: 30-40 s before issue 6's fixes, less now).
-# 5 checkpoints x 10 prompts + the 10 step-0 previews = 60 previews, 20 steps: ~235 s of replays on one GPU.
-# Estimate with the old 40 s fixed cost: 1 GPU ~280 s + 2 GPUs ~160 s + writing the job ~70 s (8 GB of random
-# transformer weights, and the two step-0 previews the noise choice reads replayed for real) = ~510 s, inside
-# the 570 s this must stay under even if nothing got faster. The ratio is (F + R) / (F + R/2) for fixed cost F
-# and replay time R: ~1.85x at F = 25 s; 1.9x needs R >= 18 F. For a bigger job, call again with more
-# CHECKPOINTS: the job is then written in a first call and the second one times the runs alone.
+# fixed cost once (start-up, base load, noise and kernel choice, report: 30-40 s before issue 6's fixes).
+# 6 checkpoints x 8 prompts + the 8 step-0 previews = 56 previews, 20 steps: ~225 s of replays on one GPU.
+# Writing the job: ~80 s (8 GB of random transformer weights, and the 8 step-0 previews replayed for real so that
+# the noise and kernel choices run as on a real job). Estimate with the old 40 s fixed cost: 80 + 1 GPU ~265 s
+# + 2 GPUs ~155 s = ~500 s, inside the 570 s this must stay under even if nothing got faster. The ratio is
+# (F + R) / (F + R/2) for fixed cost F and replay time R: ~1.8x at F = 20 s here; 1.9x needs R >= 18 F. For a
+# bigger job, call again with more CHECKPOINTS: a first call writes the job, a second times the runs alone.
 #
 # Environment (all optional): OUT (work folder, default /tmp/scale_run), SIZE, CHECKPOINTS, PROMPTS, STEPS,
 # PYTHON (default python3). The job is rewritten only when its parameters change, so a second call with the
@@ -30,11 +30,11 @@ if [ -n "${SMOKE:-}" ]; then
     DEVICE=cpu JOB_FLAGS=--smoke
     export OMP_NUM_THREADS=1  # the same CPU kernels in both runs (torchrun sets 1 for its workers)
 else
-    SIZE=${SIZE:-1024} CHECKPOINTS=${CHECKPOINTS:-5} PROMPTS=${PROMPTS:-10} STEPS=${STEPS:-20}
+    SIZE=${SIZE:-1024} CHECKPOINTS=${CHECKPOINTS:-6} PROMPTS=${PROMPTS:-8} STEPS=${STEPS:-20}
     DEVICE=cuda JOB_FLAGS=
 fi
 DATA=$OUT/data
-PARAMS="job=2 size=$SIZE checkpoints=$CHECKPOINTS prompts=$PROMPTS steps=$STEPS $JOB_FLAGS"
+PARAMS="job=3 size=$SIZE checkpoints=$CHECKPOINTS prompts=$PROMPTS steps=$STEPS $JOB_FLAGS"
 began=$(date +%s.%N)
 
 seconds_since() { "$PY" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
