@@ -13,7 +13,7 @@ from pathlib import Path
 
 from parity.errors import InputError
 from parity.results import CheckReport
-from reports.html import CARDS_FOLDER, html_chunks
+from reports.html import CARDS_FOLDER, html_bytes
 from reports.json_report import SCHEMA_PATH, render_json
 from reports.junit import render_junit
 
@@ -93,7 +93,7 @@ def write_reports(report: CheckReport, out_dir: str | Path) -> dict[str, Path]:
         # report.html goes straight to its temporary file as it is rendered: with its images inlined it can be
         # hundreds of megabytes, never needed in memory at once.
         html = out / "report.html"
-        staged["html"] = (_staged(html, (chunk.encode("utf-8") for chunk in html_chunks(report))), html)
+        staged["html"] = (_staged(html, html_bytes(report)), html)
         for kind, (name, data) in contents.items():
             staged[kind] = (_staged(out / name, [data]), out / name)
         written = {}

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from parity.errors import InputError
 from parity.results import EXIT_CODES, CheckReport, PreviewResult
@@ -152,24 +154,19 @@ class CardImages:
     note: str = ""
 
     def to_bytes(self) -> bytes:
-        """A card file: a magic line, a JSON line (size, note), then one ``name data:URI`` line per image
-        (megabytes of base64 each: split, not JSON-scanned, when read back)."""
-        head = json.dumps({"size": self.size, "note": self.note})
+        """A card file: a magic line, a JSON line (size, note, image names), then one ``name data:URI`` line per
+        image in that order (megabytes of base64 each: copied as they are into report.html, never parsed)."""
+        head = json.dumps({"size": self.size, "note": self.note, "names": list(self.images)})
         lines = [CARD_FILE_MAGIC, head] + [f"{name} {uri}" for name, uri in self.images.items()]
         return "\n".join(lines).encode("ascii")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CardImages:
-        lines = data.decode("ascii").split("\n")
-        if lines[0] != CARD_FILE_MAGIC or len(lines) < 2:
-            raise ValueError("not a parity card file of this version")
-        head = json.loads(lines[1])
-        images = dict(line.split(" ", 1) for line in lines[2:])
-        size = head.get("size")
-        return cls(images, (int(size[0]), int(size[1])) if size else None, str(head.get("note") or ""))
+        head, images = card_file_parts(data)
+        return cls({name: data[a:b].decode("ascii") for name, (a, b) in images.items()}, head.size, head.note)
 
 
-CARD_FILE_MAGIC = "parity-card 1"
+CARD_FILE_MAGIC = "parity-card 2"
 CARDS_FOLDER = ".parity-cards"  # in the report folder: per-run, consumed (deleted) by write_reports
 
 
@@ -224,13 +221,42 @@ def save_card_images(item: PreviewResult, out_dir: Path) -> Path:
     return path
 
 
+def card_file_head(handle) -> CardImages:
+    """A card file's size, note and image names (``images`` maps each name to ""), read from its first lines."""
+    if handle.readline().rstrip(b"\n") != CARD_FILE_MAGIC.encode():
+        raise ValueError("not a parity card file of this version")
+    head = json.loads(handle.readline())
+    size = head.get("size")
+    return CardImages({str(name): "" for name in head["names"]}, (int(size[0]), int(size[1])) if size else None,
+                      str(head.get("note") or ""))
+
+
+def card_file_parts(data: bytes) -> tuple[CardImages, dict[str, tuple[int, int]]]:
+    """A card file's head and where each image's data: URI lies in ``data`` (start, end: nothing copied);
+    ValueError when it is not a complete card file of this version or holds anything but ASCII."""
+    if not data.isascii():
+        raise ValueError("a card file is ASCII")
+    stream = io.BytesIO(data)
+    head = card_file_head(stream)
+    pos, images = stream.tell(), {}
+    for name in head.images:
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end
+        label = f"{name} ".encode()
+        if not data.startswith(label, pos):
+            raise ValueError(f"card file: image {name!r} missing")
+        images[name] = (pos + len(label), end)
+        pos = end + 1
+    return head, images
+
+
 def _read_card_file(path: Path | None) -> CardImages | None:
     """A card file made for this run, or None (absent or unreadable: the report then makes the images itself)."""
     if path is None:
         return None
     try:
         return CardImages.from_bytes(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError, IndexError):
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
         return None
 
 
@@ -249,7 +275,26 @@ def _card_images(card: Card) -> None:
     card.pixelated = found.size is not None and found.size[0] < _PIXELATED_BELOW
 
 
-def _cards(report: CheckReport) -> list[Card]:
+def _card_head(card: Card, splice: dict) -> bool:
+    """With ``splice``: take a card file's size, note and image names now and leave a mark where each image goes
+    (``html_bytes`` copies the image there from the file); False when there is no readable card file."""
+    path = card.item.card_file
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = card_file_head(handle)
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return False
+    token = splice["token"]
+    splice["cards"][card.anchor] = card.item
+    card.images = {name: Markup(f"{token}{card.anchor}|{name}{token}") for name in head.images}
+    card.image_note, card.size = head.note, head.size
+    card.pixelated = head.size is not None and head.size[0] < _PIXELATED_BELOW
+    return True
+
+
+def _cards(report: CheckReport, splice: dict | None = None) -> list[Card]:
     cards = []
     for index, item in enumerate(report.items):
         card = Card(
@@ -262,9 +307,13 @@ def _cards(report: CheckReport) -> list[Card]:
         if item.score is not None:
             card.metrics = _metric_rows(report, item)
         cards.append(card)
+    if splice is not None:
+        cards_left = [card for card in cards if not _card_head(card, splice)]
+    else:
+        cards_left = cards
     # Encoding four images per preview is most of a big report's time: cards are independent, so in threads.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(_card_images, cards))
+        list(pool.map(_card_images, cards_left))
     return cards
 
 
@@ -309,9 +358,9 @@ def render_html(report: CheckReport) -> str:
     return "".join(html_chunks(report))
 
 
-def html_chunks(report: CheckReport) -> Iterator[str]:
+def html_chunks(report: CheckReport, splice: dict | None = None) -> Iterator[str]:
     """The text of report.html in pieces, in order: written out as they come, a big report (hundreds of
-    megabytes of inlined images) is never held as one string."""
+    megabytes of inlined images) is never held as one string. (``splice``: see ``html_bytes``.)"""
     css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
     js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     csp = (
@@ -320,7 +369,7 @@ def html_chunks(report: CheckReport) -> Iterator[str]:
         "base-uri 'none'; form-action 'none'"
     )
     chart_series = series(report)
-    cards = _cards(report)
+    cards = _cards(report, splice)
     card_of = {id(card.item): card for card in cards}
     template = _environment().get_template("report.html.jinja")
     return template.generate(
@@ -338,3 +387,44 @@ def html_chunks(report: CheckReport) -> Iterator[str]:
         js=Markup(js),
         csp=csp,
     )
+
+
+def html_bytes(report: CheckReport) -> Iterator[bytes | memoryview]:
+    """report.html as UTF-8 in pieces, for writing it: the bytes of ``render_html``, but each image made ahead
+    (``save_card_images``) is copied from its card file as it is, never decoded, split or escaped: hundreds of
+    megabytes for a big report."""
+    splice = {"token": uuid.uuid4().hex, "cards": {}}  # the token marks where an image goes: no text holds it
+    token, loaded = splice["token"], {}
+    for chunk in html_chunks(report, splice):
+        if token not in chunk:
+            yield chunk.encode("utf-8")
+            continue
+        for number, piece in enumerate(chunk.split(token)):
+            if number % 2 == 0:
+                yield piece.encode("utf-8")
+            else:
+                anchor, name = piece.rsplit("|", 1)
+                yield _spliced_image(splice["cards"][anchor], name, loaded)
+
+
+def _spliced_image(item: PreviewResult, name: str, loaded: dict) -> bytes | memoryview:
+    """One image of ``item``'s card file as it goes into the page (``loaded`` keeps the last card file read)."""
+    if loaded.get("path") != item.card_file:
+        loaded.clear()
+        loaded["path"] = item.card_file
+        try:
+            loaded["data"] = Path(item.card_file).read_bytes()
+            loaded["images"] = card_file_parts(loaded["data"])[1]
+        except (OSError, ValueError, TypeError, IndexError, KeyError):  # gone or damaged since: make it here
+            made = card_images(item).images
+            loaded["data"] = "\n".join(made.values()).encode("utf-8")
+            loaded["images"], start = {}, 0
+            for key, uri in made.items():
+                loaded["images"][key] = (start, start + len(uri.encode("utf-8")))
+                start += len(uri.encode("utf-8")) + 1
+    data = loaded["data"]
+    start, end = loaded["images"].get(name, (0, 0))
+    if any(data.find(ch, start, end) >= 0 for ch in (b"&", b"<", b">", b'"', b"'")):
+        # never in a data: URI this module wrote: escaped like any other text
+        return str(escape(data[start:end].decode("utf-8"))).encode("utf-8")
+    return memoryview(data)[start:end]

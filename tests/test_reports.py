@@ -173,6 +173,32 @@ def test_write_reports_writes_every_file_and_no_temporary_files(written):
     ]
 
 
+def test_card_images_made_ahead_give_the_same_page_and_a_damaged_card_file_none_unsafe(tmp_path):
+    """Every card's images made ahead (as ``parity check`` does on its worker thread): report.html is byte for
+    byte the page made without them; the card files are consumed. A card file altered since is never copied
+    unescaped into the page, and one that cannot be read is made again."""
+    from reports.html import CARDS_FOLDER, render_html, save_card_images
+
+    report, out = sample_report(tmp_path)
+    expected = render_html(report)
+    for item in report.items:
+        item.card_file = save_card_images(item, out)
+    assert render_html(report) == expected
+    assert write_reports(report, out)["html"].read_text(encoding="utf-8") == expected
+    assert not (out / CARDS_FOLDER).exists()
+
+    for item in report.items:
+        item.card_file = save_card_images(item, out)
+    scored = [i for i in report.items if i.score is not None]
+    tampered, damaged = scored[0].card_file, scored[1].card_file
+    tampered.write_bytes(tampered.read_bytes().replace(b"\nreplay data:image/png;base64,",
+                                                       b'\nreplay data:image/png;base64,"><script>alert(1)</script>'))
+    damaged.write_bytes(damaged.read_bytes() + "\u00e9".encode())
+    page = write_reports(report, out)["html"].read_text(encoding="utf-8")
+    assert "<script>alert(1)" not in page and "&#34;&gt;&lt;script&gt;alert(1)" in page
+    assert page.replace('&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;', "") == expected
+
+
 def test_out_dir_inside_the_job_folder_is_refused(tmp_path):
     report, _ = sample_report(tmp_path)
     for inside in (Path(report.job_dir), Path(report.job_dir) / "parity-report"):
