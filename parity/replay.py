@@ -117,7 +117,6 @@ class Replayer:
         self.noise_reason = "given with --noise"
         self.kernel_reason = "given with --kernels"
         self.kernel_trials: list[dict] = []  # each kernel profile tried by choose_kernels, against its probe
-        self.noise_probes: set[str] = set()  # preview files the chosen draw was replayed for while choosing it
         self._pipe = None
         self._patcher = None
         self._loras: dict[Path, object] = {}
@@ -354,6 +353,7 @@ class Replayer:
             """Nearly the same draw (torch 2.13's vector and scalar bf16 paths differ in ~1 value in 10k): the
             same picture but for a detail, never told apart as clearly as an unrelated draw."""
             return differing(a, b) <= NEAR_DRAW_SHARE * draws[a].size
+
         rank, world = part
         first = [(name, 0) for name in names]
         # this torch's own draw first among the rest: the likeliest to be reused when taken in advance
@@ -396,7 +396,6 @@ class Replayer:
         ranked = sorted(names, key=lambda n: (-scores[n], names.index(n)))
         best = ranked[0]
         self.noise_algorithm = best
-        self.noise_probes = {probes[index].file for name, index in found if name == best}
         runner = ""
         for other in ranked[1:3]:  # the runner-up; after a nearly-same draw, the best unrelated one too
             runner += f"; {'next' if not runner else 'then'} {other} {scores[other]:.3f}"
