@@ -17,6 +17,7 @@
 # bigger job, call again with more CHECKPOINTS: a first call writes the job, a second times the runs alone.
 #
 # Environment (all optional): OUT (work folder, default /tmp/scale_run), SIZE, CHECKPOINTS, PROMPTS, STEPS,
+# RUNS ("one two" by default; "two" then "one" in two calls on the same machine for a job too big for one call),
 # PYTHON (default python3). The job is rewritten only when its parameters change, so a second call with the
 # same parameters times the runs alone. Exit 0 when both runs finished (exit 0 or 1: the previews are noise,
 # so every verdict is FAIL) and their reports agree; 1 otherwise.
@@ -41,7 +42,7 @@ seconds_since() { "$PY" -c "import sys, time; print(f'{time.time() - float(sys.a
 
 mkdir -p "$OUT"
 if [ "$(cat "$DATA/params" 2>/dev/null || true)" != "$PARAMS" ]; then
-    rm -rf "$DATA"
+    rm -rf "$DATA" "$OUT/one.seconds" "$OUT/two.seconds"
     "$PY" benchmarks/scale_job.py --out "$DATA" --size "$SIZE" --checkpoints "$CHECKPOINTS" \
         --prompts "$PROMPTS" --steps "$STEPS" $JOB_FLAGS 2>&1 | grep -v "Writing model shards" || true
     [ -f "$DATA/job/config.yaml" ] || { echo "scale_run: writing the job failed"; exit 1; }
@@ -56,7 +57,7 @@ CHECK=(-m parity check "$DATA/job" --base-model "$DATA/base" --device "$DEVICE" 
 run() {
     local name=$1 start rc
     shift
-    rm -rf "${OUT:?}/$name"
+    rm -rf "${OUT:?}/$name" "$OUT/$name.seconds"
     start=$(date +%s.%N)
     set +e
     env PARITY_TIMINGS=1 "$@" > "$OUT/$name.log" 2>&1
@@ -72,11 +73,23 @@ run() {
     echo "  $name: whole job ${took}s (exit $rc)"
 }
 
-run one env CUDA_VISIBLE_DEVICES=0 "$PY" "${CHECK[@]}" --out "$OUT/one"
-one=$took
-run two env GLOO_SOCKET_IFNAME=lo "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
-    "${CHECK[@]}" --out "$OUT/two"
-two=$took
+# RUNS="two" then RUNS="one" in two calls on the same warm machine: a bigger job than one call holds. Each run's
+# seconds are kept beside its report, and the comparison runs once both exist.
+for name in ${RUNS:-one two}; do
+    if [ "$name" = one ]; then
+        run one env CUDA_VISIBLE_DEVICES=0 "$PY" "${CHECK[@]}" --out "$OUT/one"
+    else
+        run two env GLOO_SOCKET_IFNAME=lo "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 \
+            "${CHECK[@]}" --out "$OUT/two"
+    fi
+    echo "$took" > "$OUT/$name.seconds"
+done
+if [ ! -f "$OUT/one.seconds" ] || [ ! -f "$OUT/two.seconds" ]; then
+    echo "scale_run: $(ls "$OUT"/*.seconds 2>/dev/null | xargs -n1 basename | tr '\n' ' ')done; run the other with RUNS"
+    exit 0
+fi
+one=$(cat "$OUT/one.seconds")
+two=$(cat "$OUT/two.seconds")
 
 "$PY" - "$OUT" "$one" "$two" "$SIZE" "$STEPS" <<'EOF'
 import json
