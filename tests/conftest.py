@@ -29,3 +29,37 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def oracle_dir():
     return ORACLE_DIR
+
+
+@pytest.fixture
+def run_ranks_in_threads():
+    """``run(world, work)``: ``work(rank, gather)`` in ``world`` threads, ``gather`` an all-gather of dicts between
+    them (as ``check.py`` merges every rank's scores under torchrun); returns each rank's result."""
+    import threading
+
+    def run(world: int, work) -> list:
+        slots: list = [None] * world
+        results: list = [None] * world
+        barrier = threading.Barrier(world)
+
+        def gather_for(rank):
+            def gather(mine: dict) -> dict:
+                slots[rank] = dict(mine)
+                barrier.wait()
+                merged = {k: v for part in slots for k, v in part.items()}
+                barrier.wait()
+                return merged
+
+            return gather
+
+        def target(rank):
+            results[rank] = work(rank, gather_for(rank))
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return results
+
+    return run

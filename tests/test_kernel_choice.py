@@ -81,34 +81,16 @@ def test_cached_replays_are_not_replayed(fake_kernels):
     assert spec == "triton:16" and log == [("triton:16", 1), ("triton:16", 2)]
 
 
-def test_torchrun_ranks_screen_one_set_each_and_share_the_other_previews(fake_kernels):
+def test_torchrun_ranks_screen_one_set_each_and_share_the_other_previews(fake_kernels, run_ranks_in_threads):
     world = 2
-    slots: list = [None] * world
-    barrier = threading.Barrier(world)
-
-    def gather_for(rank):
-        def gather(mine):
-            slots[rank] = dict(mine)
-            barrier.wait()
-            out = {k: v for part in slots for k, v in part.items()}
-            barrier.wait()
-            return out
-
-        return gather
-
     logs = [[] for _ in range(world)]
-    results: list = [None] * world
 
-    def work(rank):
+    def work(rank, gather):
         r = replayer(logs[rank])
-        chosen = r.choose_kernels(scorer(made_with("triton:8")), part=(rank, world), gather=gather_for(rank))
-        results[rank] = (chosen, r.kernel_trials)
+        chosen = r.choose_kernels(scorer(made_with("triton:8")), part=(rank, world), gather=gather)
+        return chosen, r.kernel_trials
 
-    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    results = run_ranks_in_threads(world, work)
     assert results[0] == results[1] and results[0][0][0] == "triton:8"
     assert logs[0] == [("triton:16", 0), ("triton:8", 0), ("triton:8", 1)]
     assert logs[1] == [("torch", 0), ("triton:4", 0), ("triton:8", 2)]

@@ -4,7 +4,6 @@ the oracle previews is pinned in test_oracle_replay.py."""
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -73,49 +72,30 @@ def test_the_clear_threshold_is_the_callers(monkeypatch):
     assert len(log) == 6
 
 
-def run_ranks(monkeypatch, world: int, table) -> list[tuple[list, tuple[str, str]]]:
+def run_ranks(monkeypatch, run_ranks_in_threads, world: int, table) -> list[tuple[list, tuple[str, str]]]:
     """``world`` replayers in threads, joined by an all-gather of their score dicts (as check.py's ``merged``)."""
-    slots: list = [None] * world
-    barrier = threading.Barrier(world)
-
-    def gather_for(rank):
-        def gather(scores):
-            slots[rank] = dict(scores)
-            barrier.wait()
-            merged = {k: v for part in slots for k, v in part.items()}
-            barrier.wait()
-            return merged
-
-        return gather
-
     logs = [[] for _ in range(world)]
     replayers = [fake_replayer(monkeypatch, logs[r]) for r in range(world)]
-    results: list = [None] * world
 
-    def work(rank):
-        results[rank] = replayers[rank].choose_noise_algorithm(scorer(table), part=(rank, world), gather=gather_for(rank))
+    def work(rank, gather):
+        return replayers[rank].choose_noise_algorithm(scorer(table), part=(rank, world), gather=gather)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    return list(zip(logs, results, strict=True))
+    return list(zip(logs, run_ranks_in_threads(world, work), strict=True))
 
 
-def test_torchrun_split_decides_the_same_on_every_rank(monkeypatch):
+def test_torchrun_split_decides_the_same_on_every_rank(monkeypatch, run_ranks_in_threads):
     from pipelines.omnigen2 import noise
 
     monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-avx2")
     # clear: 3 first-preview replays over 2 ranks; the idle slot takes a second-preview replay in advance, with
     # this torch's own draw (the likeliest to be reused)
-    ranks = run_ranks(monkeypatch, 2, {("torch2.13-avx2", 0): 1.0})
+    ranks = run_ranks(monkeypatch, run_ranks_in_threads, 2, {("torch2.13-avx2", 0): 1.0})
     assert [len(log) for log, _ in ranks] == [2, 2]
     assert sorted(u for log, _ in ranks for u in log) == sorted([(c, 0) for c in CANDIDATES] + [("torch2.13-avx2", 1)])
     assert {result for _, result in ranks} == {ranks[0][1]} and ranks[0][1][0] == "torch2.13-avx2"
     assert "chosen from 1 step-0 preview" in ranks[0][1][1]
     # unclear: every (candidate, probe) pair once over both ranks, 3 each
-    ranks = run_ranks(monkeypatch, 2, {("torch2.13-avx2", 0): 0.8, ("torch2.13-avx2", 1): 0.9})
+    ranks = run_ranks(monkeypatch, run_ranks_in_threads, 2, {("torch2.13-avx2", 0): 0.8, ("torch2.13-avx2", 1): 0.9})
     assert [len(log) for log, _ in ranks] == [3, 3]
     assert sorted(u for log, _ in ranks for u in log) == sorted((c, i) for c in CANDIDATES for i in (0, 1))
     assert {result for _, result in ranks} == {ranks[0][1]}
