@@ -430,7 +430,8 @@ class Replayer:
         (``kernels.kernel_candidates``) are replayed on the first step-0 preview, likeliest first, and the first
         EXACT one wins; ``score_fn(item, pixels)`` is ``parity.scores.score_replay``'s Score. Ranks share the
         candidates (``part``, ``gather`` as in ``choose_noise_algorithm``): each replays its own on the first
-        preview, and a candidate identical there is checked on the others by every rank, each replaying its share
+        preview (unless the likeliest one's is in every rank's cache: then that one is checked alone first, for
+        free), and a candidate identical there is checked on the others by every rank, each replaying its share
         (the replays of the run itself when it is the one). One process tries them in the same order and stops
         where it would have. What each candidate gave is kept in ``kernel_trials`` for the report: the measured
         drift of the kernel choice. ``lookup(item, key)`` gives a probe's pixels from the replay cache if there
@@ -461,8 +462,16 @@ class Replayer:
         rank, world = part
         found: dict[str, dict] = {}
         chosen = None
-        for start in range(0, len(candidates), world):
-            batch = candidates[start : start + world]
+        batches = [candidates[i : i + world] for i in range(0, len(candidates), world)]
+        if world > 1 and lookup is not None:
+            # The likeliest set's first replay is in the cache on every rank (the noise choice ran with it): then
+            # it is checked there for free first, and no rank spends a replay screening a less likely set.
+            kernels.set_kernel_profile(candidates[0])
+            have = self.prepare(probes[0])[0]
+            have = lookup(probes[0], have) is not None
+            if all((gather({rank: have}) if gather is not None else {rank: have}).values()):
+                batches = [candidates[:1]] + [candidates[i : i + world] for i in range(1, len(candidates), world)]
+        for batch in batches:
             mine = {}
             if rank < len(batch):  # this rank's candidate, on the first preview
                 kernels.set_kernel_profile(batch[rank])

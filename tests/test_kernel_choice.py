@@ -96,3 +96,27 @@ def test_torchrun_ranks_screen_one_set_each_and_share_the_other_previews(fake_ke
     assert logs[1] == [("torch", 0), ("triton:4", 0), ("triton:8", 2)]
     chosen = next(t for t in results[0][1] if t["kernels"] == "triton:8")
     assert (chosen["probes_identical"], chosen["probes_tried"], chosen["identical"]) == (3, 3, True)
+
+
+@pytest.mark.parametrize("made, expected", [
+    # the likeliest set is right: checked from every rank's cache, nobody screens another set
+    ("triton:16", [[("triton:16", 1)], [("triton:16", 2)]]),
+    # it is not: the same cache check rules it out for free, then the ranks screen the others as before
+    ("triton:8", [[("torch", 0), ("triton:8", 1)], [("triton:8", 0), ("triton:8", 2)]]),
+])
+def test_torchrun_ranks_check_the_cached_likeliest_set_first(fake_kernels, run_ranks_in_threads, made, expected):
+    world = 2
+    logs = [[] for _ in range(world)]
+
+    def work(rank, gather):
+        r = replayer(logs[rank])
+        r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}-{kernels.kernel_profile()}",
+                                                  {"weights": "base", "residuals": [], "lora_problem": None})
+        cache = {"k0-triton:16": ("triton:16", 0)}  # the noise choice's replay of the first preview
+        chosen = r.choose_kernels(scorer(made_with(made)), part=(rank, world), gather=gather,
+                                  lookup=lambda item, key: cache.get(key))
+        return chosen, r.kernel_trials
+
+    results = run_ranks_in_threads(world, work)
+    assert results[0] == results[1] and results[0][0][0] == made
+    assert logs == expected
