@@ -193,26 +193,28 @@ def test_triton_norm_equals_aitoolkits_kernel_at_every_warp_count(width):
         assert torch.equal(triton_norm.rms_norm(x, w, 1e-5, warps), theirs), (width, warps)
 
 
-@pytest.mark.gpu
-def test_auto_choice_finds_the_warps_that_made_a_gpu_preview(tmp_path):
-    """Previews made by the Triton path at 2 warps: --kernels auto replays candidates until one is identical."""
-    job = tmp_path / "job"
-    shutil.copytree(JOBS / "og2_basic", job)
-    made_with = "triton:2"
-    kernels.set_kernel_profile(made_with)
+def gpu_previews(tmp_path, made_with: str) -> Path:
+    """A copy of og2_basic whose step-0 previews are replays made on this GPU with ``made_with`` (PNG)."""
     from parity.plan import build_plan
     from parity.replay import Replayer
 
-    plan = build_plan(job)
-    replayer = Replayer(plan, ReplayOptions(base_model=str(TINY), device="cuda", kernel_profile=made_with,
-                                            noise_algorithm="torch2.13-avx2"))
+    job = tmp_path / "job"
+    shutil.copytree(JOBS / "og2_basic", job)
+    replayer = Replayer(build_plan(job), ReplayOptions(base_model=str(TINY), device="cuda",
+                                                       kernel_profile=made_with, noise_algorithm="torch2.13-avx2"))
     for item in replayer.step0_probes():
         pixels = replayer.replay(item).pixels
         target = job / "samples" / item.file
         Image.fromarray(pixels).save(target.with_suffix(".png"))
         if target.suffix != ".png":
             target.unlink()
-    del replayer
+    return job
+
+
+@pytest.mark.gpu
+def test_auto_choice_finds_the_warps_that_made_a_gpu_preview(tmp_path):
+    """Previews made by the Triton path at 2 warps: --kernels auto replays candidates until one is identical."""
+    job = gpu_previews(tmp_path, "triton:2")
     report = run_check(job, CheckOptions(
         replay=ReplayOptions(base_model=str(TINY), device="cuda", noise_algorithm="torch2.13-avx2",
                              kernel_search=8),
@@ -225,3 +227,21 @@ def test_auto_choice_finds_the_warps_that_made_a_gpu_preview(tmp_path):
     assert [t["kernels"] for t in trials][:2] == ["triton:16", "torch"][: len(trials)]
     for t in trials[:-1]:  # a wrong set stops at its first differing preview
         assert t["probes_identical"] + 1 == t["probes_tried"] and t["max_abs_diff"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("made_with", ["triton:16", "triton:72=2"])
+def test_torchrun_chooses_the_kernels_one_process_chooses(tmp_path, made_with):
+    """Two ranks (on however many GPUs there are) choose the same kernels as one process and replay EXACT."""
+    job = gpu_previews(tmp_path, made_with)
+    common = ["-m", "parity", "check", str(job), "--base-model", str(TINY), "--device", "cuda", "--steps", "0",
+              "--no-diagnose"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    first, second = (json.loads((tmp_path / name / "parity.json").read_text()) for name in ("one", "two"))
+    assert first["kernels"]["profile"] == second["kernels"]["profile"]
+    assert [p["outcome"] for p in first["previews"]] == [p["outcome"] for p in second["previews"]] == ["EXACT"] * 3
