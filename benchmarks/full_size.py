@@ -71,6 +71,14 @@ def randomise_(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=g)
 
 
+def model_config(smoke: bool) -> OmniGen2Config:
+    """The released architecture, or with ``smoke`` a 2-layer model of the same family (any device, seconds)."""
+    if not smoke:
+        return OmniGen2Config()
+    return OmniGen2Config(hidden_size=240, num_layers=2, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
+                          text_feat_dim=64)
+
+
 def build_transformer(
     config: OmniGen2Config, device: torch.device, dtype: torch.dtype, seed: int
 ) -> OmniGen2Transformer:
@@ -199,16 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"env": env}
 
     # ---- build
-    config = OmniGen2Config()
-    if args.smoke:
-        config = OmniGen2Config(
-            hidden_size=240,
-            num_layers=2,
-            num_refiner_layers=1,
-            num_attention_heads=2,
-            num_kv_heads=1,
-            text_feat_dim=64,
-        )
+    config = model_config(args.smoke)
     t0 = time.perf_counter()
     model = build_transformer(config, device, dtype, seed=0)
     vae = build_vae(device, dtype, seed=0)

@@ -47,12 +47,19 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from full_size import NEGATIVE, PROMPT, _NoCuda, build_transformer, build_vae, default_dtype  # noqa: E402
+from full_size import (  # noqa: E402
+    NEGATIVE,
+    PROMPT,
+    _NoCuda,
+    build_transformer,
+    build_vae,
+    default_dtype,
+    model_config,
+)
 
 from pipelines.omnigen2 import kernels, noise, quirks  # noqa: E402
 from pipelines.omnigen2.loading import Components  # noqa: E402
 from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest, TextEncoding  # noqa: E402
-from pipelines.omnigen2.transformer import OmniGen2Config  # noqa: E402
 
 GIB = 1024**3
 
@@ -584,16 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             env[name] = None
     res: dict = {"env": env, "args": vars(args)}
 
-    config = OmniGen2Config()
-    if args.smoke:
-        config = OmniGen2Config(
-            hidden_size=240,
-            num_layers=2,
-            num_refiner_layers=1,
-            num_attention_heads=2,
-            num_kv_heads=1,
-            text_feat_dim=64,
-        )
+    config = model_config(args.smoke)
     model = build_transformer(config, device, dtype, seed=0)
     vae = build_vae(device, dtype, seed=0)
     encodings = random_encodings(

@@ -32,7 +32,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from full_size import build_transformer, build_vae  # noqa: E402
+from full_size import build_transformer, build_vae, model_config  # noqa: E402
 
 from pipelines.omnigen2.transformer import OmniGen2Config  # noqa: E402
 
@@ -218,16 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="real replays for only the first N step-0 previews (default: all of them)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    config = OmniGen2Config()
-    if args.smoke:
-        config = OmniGen2Config(
-            hidden_size=240,
-            num_layers=2,
-            num_refiner_layers=1,
-            num_attention_heads=2,
-            num_kv_heads=1,
-            text_feat_dim=64,
-        )
+    config = model_config(args.smoke)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = time.perf_counter()
     write_base(out / "base", config, device, tiny_vae=args.smoke)

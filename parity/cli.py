@@ -201,7 +201,6 @@ def check_command(
     from parity.errors import EnvironmentProblem
     from parity.replay import ReplayOptions
     from parity.scores import Thresholds
-    from reports import write_reports
 
     device = _resolve_device(device)
     if kernel_search < 1:
@@ -247,14 +246,7 @@ def check_command(
         report = run_check(job_dir, options)
         if not dist.is_main:
             raise typer.Exit(0)
-        import time
-
-        start = time.perf_counter()
-        paths = write_reports(report, out)
-        if os.environ.get("PARITY_TIMINGS"):
-            sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
-        _print_summary(report, paths)
-        raise typer.Exit(report.exit_code)
+        _write_reports_and_exit(report, out)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -272,7 +264,14 @@ def check_command(
         total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable)
         bar.update(task, total=total)
         report = run_check(job_dir, options, progress=step)
+    _write_reports_and_exit(report, out)
+
+
+def _write_reports_and_exit(report, out: Path) -> None:
+    """Rank 0 (or the one process): report.html, parity.json and junit.xml, the summary, the exit code."""
     import time
+
+    from reports import write_reports
 
     start = time.perf_counter()
     paths = write_reports(report, out)
