@@ -399,28 +399,12 @@ def aitk_forward_(theirs, freqs, latent, timestep, cond):
 def time_aitk_pipeline(aitk, theirs, vae, cond, uncond, r: ReplayRequest, device) -> dict:
     """One warm-up and one timed image through ai-toolkit's own pipeline (its default GPU kernels)."""
     cuda = torch.cuda if torch.cuda.is_available() else _NoCuda
-    scheduler = aitk.scheduler_cls(dynamic_time_shift=True, num_train_timesteps=1000)
-    pipe = aitk.pipeline_cls(transformer=theirs, vae=vae, scheduler=scheduler, mllm=None, processor=None).to(
-        device
-    )
-    pipe.set_progress_bar_config(disable=True)
+    from gpu_parity import aitk_call, aitk_pipeline_on
+
+    pipe = aitk_pipeline_on(aitk, theirs, vae, device)
 
     def run():
-        generator = torch.manual_seed(r.seed)
-        return pipe(
-            prompt_embeds=cond.embeds,
-            prompt_attention_mask=cond.mask,
-            negative_prompt_embeds=uncond.embeds,
-            negative_prompt_attention_mask=uncond.mask,
-            height=r.height,
-            width=r.width,
-            num_inference_steps=r.num_inference_steps,
-            text_guidance_scale=r.guidance_scale,
-            image_guidance_scale=1.0,
-            align_res=False,
-            generator=generator,
-            input_images=[],
-        ).images[0]
+        return aitk_call(pipe, cond, uncond, r)
 
     run()
     cuda.synchronize()

@@ -255,28 +255,28 @@ def our_forward(model, case):
     return model(case["latent"], case["t"], case["text"], case["mask"], refs)
 
 
-def aitk_replay(
-    aitk: Aitk, transformer, vae, pipe_ours: OmniGen2Pipeline, row: dict, device, latents=None
-) -> np.ndarray:
-    """One preview through ai-toolkit's pipeline, called as ai-toolkit's ``generate_single_image`` calls it."""
+def aitk_pipeline_on(aitk: Aitk, transformer, vae, device):
+    """ai-toolkit's ``OmniGen2Pipeline`` around a loaded transformer and VAE, with its own flow-match scheduler."""
     scheduler = aitk.scheduler_cls(dynamic_time_shift=True, num_train_timesteps=1000)
     pipe = aitk.pipeline_cls(
         transformer=transformer, vae=vae, scheduler=scheduler, mllm=None, processor=None
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
-    r = request_of(row)
-    cond = pipe_ours.encode_text(r.prompt, r.chat_template_passes)
-    cfg = r.guidance_scale > 1.0
-    uncond = pipe_ours.encode_text(r.negative_prompt, r.negative_chat_template_passes) if cfg else None
-    # ai-toolkit seeds the global generators and passes the global CPU generator
+    return pipe
+
+
+def aitk_call(pipe, cond, uncond, r: ReplayRequest, latents=None) -> np.ndarray:
+    """One image through ai-toolkit's pipeline, called as its ``generate_single_image`` calls it: prompt embeddings
+    passed in, ``align_res=False``, ``image_guidance_scale=1.0``, the global generators seeded and the global CPU
+    generator passed (noise drawn on the CPU). ``uncond`` None: no CFG."""
     generator = torch.manual_seed(r.seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(r.seed)
     image = pipe(
         prompt_embeds=cond.embeds,
         prompt_attention_mask=cond.mask,
-        negative_prompt_embeds=uncond.embeds if cfg else None,
-        negative_prompt_attention_mask=uncond.mask if cfg else None,
+        negative_prompt_embeds=uncond.embeds if uncond is not None else None,
+        negative_prompt_attention_mask=uncond.mask if uncond is not None else None,
         height=r.height,
         width=r.width,
         num_inference_steps=r.num_inference_steps,
@@ -288,6 +288,18 @@ def aitk_replay(
         input_images=[],
     ).images[0]
     return np.asarray(image.convert("RGB"))
+
+
+def aitk_replay(
+    aitk: Aitk, transformer, vae, pipe_ours: OmniGen2Pipeline, row: dict, device, latents=None
+) -> np.ndarray:
+    """One oracle preview through ai-toolkit's pipeline, its texts encoded by ours."""
+    pipe = aitk_pipeline_on(aitk, transformer, vae, device)
+    r = request_of(row)
+    cond = pipe_ours.encode_text(r.prompt, r.chat_template_passes)
+    cfg = r.guidance_scale > 1.0
+    uncond = pipe_ours.encode_text(r.negative_prompt, r.negative_chat_template_passes) if cfg else None
+    return aitk_call(pipe, cond, uncond, r, latents)
 
 
 def check_on_aitk_previews(rows: list[dict], pixels: list[np.ndarray], model: str, out_dir: Path) -> dict:

@@ -222,38 +222,18 @@ def random_encodings(
 
 
 def aitk_pipeline(aitk, model, config, vae, device, dtype):
+    from gpu_parity import aitk_pipeline_on
+
     with default_dtype(dtype), torch.device("meta"):
         theirs = aitk.transformer_cls(**{k: v for k, v in config.to_dict().items() if k != "_class_name"})
     theirs.load_state_dict(model.state_dict(), assign=True, strict=True)  # shares our GPU tensors
-    theirs = theirs.eval().requires_grad_(False)
-    scheduler = aitk.scheduler_cls(dynamic_time_shift=True, num_train_timesteps=1000)
-    pipe = aitk.pipeline_cls(transformer=theirs, vae=vae, scheduler=scheduler, mllm=None, processor=None).to(
-        device
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return aitk_pipeline_on(aitk, theirs.eval().requires_grad_(False), vae, device)
 
 
 def aitk_image(pipe, cond, uncond, r: ReplayRequest) -> np.ndarray:
-    """One image through ai-toolkit's pipeline, called as its ``generate_single_image`` calls it."""
-    generator = torch.manual_seed(r.seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed(r.seed)
-    image = pipe(
-        prompt_embeds=cond.embeds,
-        prompt_attention_mask=cond.mask,
-        negative_prompt_embeds=uncond.embeds,
-        negative_prompt_attention_mask=uncond.mask,
-        height=r.height,
-        width=r.width,
-        num_inference_steps=r.num_inference_steps,
-        text_guidance_scale=r.guidance_scale,
-        image_guidance_scale=1.0,
-        align_res=False,
-        generator=generator,
-        input_images=[],
-    ).images[0]
-    return np.asarray(image.convert("RGB"))
+    from gpu_parity import aitk_call
+
+    return aitk_call(pipe, cond, uncond, r)
 
 
 # ------------------------------------------------------------------------------------------------ --fast study
