@@ -79,6 +79,42 @@ def model_config(smoke: bool) -> OmniGen2Config:
                           text_feat_dim=64)
 
 
+def make_pipe(model, vae, encodings, device, dtype, fast=False, graphs=None) -> OmniGen2Pipeline:
+    """Our pipeline on random weights with no MLLM: its text encoding step returns ``encodings[prompt]``."""
+    components = Components(
+        root=Path("<random weights>"),
+        transformer=model,
+        vae=vae,
+        mllm=None,
+        tokenizer=None,
+        scheduler_config={"num_train_timesteps": 1000, "dynamic_time_shift": True},
+        dtype=dtype,
+        device=device,
+    )
+    pipe = OmniGen2Pipeline(components, fast=fast, cuda_graphs=graphs)
+    pipe.encode_text = lambda prompt, passes=None: encodings[prompt]
+    return pipe
+
+
+def random_encodings(
+    config, device, dtype, lengths: dict[str, int], seed: int = 1, generator: torch.Generator | None = None
+) -> dict[str, TextEncoding]:
+    """Random prompt embeddings standing in for the MLLM's: ``lengths`` maps each text to its token count."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    out = {}
+    for text, n in lengths.items():
+        embeds = torch.randn(1, n, config.text_feat_dim, generator=g).to(device, dtype)
+        mask = torch.ones(1, n).to(device, dtype)
+        out[text] = TextEncoding(text, embeds, mask, n)
+    return out
+
+
+def image_request(args, steps: int | None = None) -> ReplayRequest:
+    """The benchmark's image: the random prompt and negative, seed 0, ``--size`` square, ``--steps``, ``--cfg``."""
+    return ReplayRequest(PROMPT, NEGATIVE, seed=0, width=args.size, height=args.size,
+                         num_inference_steps=args.steps if steps is None else steps, guidance_scale=args.cfg)
+
+
 def build_transformer(
     config: OmniGen2Config, device: torch.device, dtype: torch.dtype, seed: int
 ) -> OmniGen2Transformer:
@@ -218,34 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     res["vae_parameters"] = sum(p.numel() for p in vae.parameters())
     res["weights_gib"] = round(cuda.memory_allocated() / GIB, 3)
 
-    components = Components(
-        root=Path("<random full-size weights>"),
-        transformer=model,
-        vae=vae,
-        mllm=None,
-        tokenizer=None,
-        scheduler_config={"num_train_timesteps": 1000, "dynamic_time_shift": True},
-        dtype=dtype,
-        device=device,
-    )
-    pipe = OmniGen2Pipeline(components)
-    request = ReplayRequest(
-        PROMPT,
-        NEGATIVE,
-        seed=0,
-        width=args.size,
-        height=args.size,
-        num_inference_steps=args.steps,
-        guidance_scale=args.cfg,
-    )
-    g = torch.Generator().manual_seed(1)
-    encodings = {}
-    for text, n in ((PROMPT, args.text_tokens), (NEGATIVE, args.negative_tokens)):
-        embeds = torch.randn(1, n, config.text_feat_dim, generator=g).to(device, dtype)
-        mask = torch.ones(1, n).to(device, dtype)
-        encodings[text] = TextEncoding(text, embeds, mask)
-    # no MLLM: the pipeline's text encoding step returns the random embeddings
-    pipe.encode_text = lambda prompt, passes=None: encodings[prompt]
+    request = image_request(args)
+    g = torch.Generator().manual_seed(1)  # the encodings, then the breakdown's latent
+    encodings = random_encodings(config, device, dtype, {PROMPT: args.text_tokens, NEGATIVE: args.negative_tokens},
+                                 generator=g)
+    pipe = make_pipe(model, vae, encodings, device, dtype)
 
     # ---- whole images through our pipeline
     for _ in range(args.warmup):

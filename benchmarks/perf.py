@@ -54,12 +54,14 @@ from full_size import (  # noqa: E402
     build_transformer,
     build_vae,
     default_dtype,
+    image_request,
+    make_pipe,
     model_config,
+    random_encodings,
 )
 
 from pipelines.omnigen2 import kernels, noise, quirks  # noqa: E402
-from pipelines.omnigen2.loading import Components  # noqa: E402
-from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest, TextEncoding  # noqa: E402
+from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest  # noqa: E402
 
 GIB = 1024**3
 
@@ -188,34 +190,6 @@ def time_images(fn, warmup: int, repeats: int) -> dict:
         "pixels": out,
         "first_pixels": first,
     }
-
-
-def make_pipe(model, vae, encodings, device, dtype, fast=False, graphs=None) -> OmniGen2Pipeline:
-    components = Components(
-        root=Path("<random weights>"),
-        transformer=model,
-        vae=vae,
-        mllm=None,
-        tokenizer=None,
-        scheduler_config={"num_train_timesteps": 1000, "dynamic_time_shift": True},
-        dtype=dtype,
-        device=device,
-    )
-    pipe = OmniGen2Pipeline(components, fast=fast, cuda_graphs=graphs)
-    pipe.encode_text = lambda prompt, passes=None: encodings[prompt]
-    return pipe
-
-
-def random_encodings(
-    config, device, dtype, lengths: dict[str, int], seed: int = 1
-) -> dict[str, TextEncoding]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for text, n in lengths.items():
-        embeds = torch.randn(1, n, config.text_feat_dim, generator=g).to(device, dtype)
-        mask = torch.ones(1, n).to(device, dtype)
-        out[text] = TextEncoding(text, embeds, mask, n)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ ai-toolkit
@@ -577,15 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     encodings = random_encodings(
         config, device, dtype, {PROMPT: args.text_tokens, NEGATIVE: args.negative_tokens}
     )
-    request = ReplayRequest(
-        PROMPT,
-        NEGATIVE,
-        seed=0,
-        width=args.size,
-        height=args.size,
-        num_inference_steps=args.steps,
-        guidance_scale=args.cfg,
-    )
+    request = image_request(args)
     res["weights_gib"] = round(cuda.memory_allocated() / GIB, 3)
 
     # ---- the floor
@@ -706,15 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels._fast_attention.clear()
         kernels._fast_attention.update(library_default)
         if args.study and not over_budget("study"):
-            short = ReplayRequest(
-                PROMPT,
-                NEGATIVE,
-                seed=0,
-                width=args.size,
-                height=args.size,
-                num_inference_steps=2,
-                guidance_scale=args.cfg,
-            )
+            short = image_request(args, steps=2)
             attn = model.layers[0].attn
             res["attention_bench"] = attention_bench(
                 device,
