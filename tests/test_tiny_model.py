@@ -188,3 +188,63 @@ def test_transformer_loaded_on_its_own_thread_is_the_same_and_its_error_comes_fi
     with pytest.raises(ModelLoadError, match="no safetensors weights found") as info:
         load_components(broken_copy)
     assert info.value.path.startswith(str(broken_copy / "transformer"))
+
+
+def test_chunked_safetensors_reader_gives_what_safetensors_gives(tiny_dir, tmp_path):
+    """The reader used for GPUs (staging chunks, one allocation per tensor), on the CPU with small chunks: every
+    dtype, a scalar, an empty tensor and tensors larger than a chunk come back equal to safetensors' own."""
+    from pipelines.omnigen2.loading import read_safetensors
+
+    tensors = {
+        "bf16": torch.randn(33, 7).to(torch.bfloat16),
+        "f32": torch.randn(5, 3),
+        "f16_odd": torch.randn(3).to(torch.float16),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(11, dtype=torch.int64),
+        "big": torch.randn(300),  # 1200 bytes, more than 64: the chunk grows to the largest tensor
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    for staging in (64, 1 << 20):
+        got = read_safetensors(path, torch.device("cpu"), staging_bytes=staging)
+        assert got.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)
+    weights = tiny_dir / WEIGHT_FILES[0]
+    got = read_safetensors(weights, torch.device("cpu"), staging_bytes=4096)
+    theirs = load_file(str(weights))
+    assert got.keys() == theirs.keys() and all(torch.equal(got[k], theirs[k]) for k in got)
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda raw: raw[:5], "bad header length"),
+        (lambda raw: (10).to_bytes(8, "little") + b"{not json}" + raw[18:], "header is not JSON"),
+        (lambda raw: raw[:-3], "offsets outside the file"),
+    ],
+)
+def test_chunked_safetensors_reader_names_the_file_and_the_problem(tmp_path, damage, problem):
+    from pipelines.omnigen2.loading import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(2, 2)}, str(path))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ModelLoadError, match=problem) as info:
+        read_safetensors(path, torch.device("cpu"))
+    assert info.value.path == str(path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_load_reads_through_pinned_chunks_and_equals_safetensors(tiny_dir):
+    """On a GPU the transformer goes through the chunked reader: the same tensors as safetensors' own load."""
+    from pipelines.omnigen2.loading import load_state_dict
+
+    weights = tiny_dir / WEIGHT_FILES[0]
+    got = load_state_dict([weights], "cuda")
+    theirs = load_file(str(weights))
+    assert got.keys() == theirs.keys()
+    assert all(got[k].is_cuda and torch.equal(got[k].cpu(), theirs[k]) for k in got)
