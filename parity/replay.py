@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,12 +365,6 @@ class Replayer:
         found: dict[tuple[str, int], float] = {}
         used = 1
 
-        def finish(item: ReplayItem, name: str, replay: Replay) -> float:
-            pixels = replay.wait()
-            if on_replay is not None and not replay.cached:
-                on_replay(item, name, replay)
-            return score_fn(item, pixels)
-
         # On a GPU each probe replay is queued and scored (and cached) on a worker thread while the next one
         # runs; on the CPU the replays use every core, so the scoring waits its turn.
         on_gpu = self.options.device.startswith("cuda")
@@ -379,9 +374,10 @@ class Replayer:
                 for name, index in units[rank::world]:  # this process's share of the stage's replays
                     replay = self.replay_or_cached(probes[index], name, lookup, deferred=on_gpu)
                     if on_gpu:
-                        queued.append(((name, index), worker.submit(finish, probes[index], name, replay)))
+                        future = worker.submit(probe_score, probes[index], name, replay, score_fn, on_replay)
+                        queued.append(((name, index), future))
                     else:
-                        found[(name, index)] = finish(probes[index], name, replay)
+                        found[(name, index)] = probe_score(probes[index], name, replay, score_fn, on_replay)
                 for unit, future in queued:
                     found[unit] = future.result()
                 if gather is not None:
@@ -513,22 +509,37 @@ class Replayer:
 
     def _kernel_trial(self, spec: str, probes: list[ReplayItem], score_fn, on_replay, lookup=None) -> dict:
         """Replay the step-0 previews with the active kernels until one differs (a wrong set costs one replay; the
-        right one's replays are the run's own, kept through ``on_replay``; ``lookup`` as in choose_kernels)."""
+        right one's replays are the run's own, kept through ``on_replay``; ``lookup`` as in choose_kernels).
+
+        On a GPU the next probe's replay is queued before the last one is scored (its pixels saved and compared
+        on a worker thread: ~1 s a 1024px preview that would otherwise leave the GPU idle); a set that differs
+        past its first preview then costs the one replay already queued."""
         trial = {"kernels": spec, "identical": False, "probes_identical": 0, "probes_tried": 0,
                  "ssim": 1.0, "max_abs_diff": 0, "mean_abs_diff": 0.0}
-        for probe in probes:
-            replay = self.replay_or_cached(probe, lookup=lookup)
-            if on_replay is not None and not replay.cached:
-                on_replay(probe, self.noise_algorithm, replay)
-            score = score_fn(probe, replay.pixels)
+
+        def record(score) -> bool:
             metrics = score.metrics
             trial["probes_tried"] += 1
             trial["ssim"] = round(min(trial["ssim"], float(metrics.ssim)), 5)
             trial["max_abs_diff"] = max(trial["max_abs_diff"], int(metrics.max_abs_diff))
             trial["mean_abs_diff"] = round(max(trial["mean_abs_diff"], float(metrics.mean_abs_diff)), 4)
             if score.verdict.value != "EXACT":
-                break
+                return False
             trial["probes_identical"] += 1
+            return True
+
+        on_gpu = self.options.device.startswith("cuda")
+        ahead = 1 if on_gpu else 0  # replays queued beyond the one being scored
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-probe") as worker:
+            queued: deque = deque()
+            for probe in probes:
+                replay = self.replay_or_cached(probe, lookup=lookup, deferred=on_gpu)
+                queued.append(worker.submit(probe_score, probe, self.noise_algorithm, replay, score_fn, on_replay))
+                if len(queued) > ahead and not record(queued.popleft().result()):
+                    break
+            else:
+                while queued and record(queued.popleft().result()):
+                    pass
         trial["identical"] = trial["probes_identical"] == len(probes)
         return trial
 
@@ -666,6 +677,15 @@ class Replayer:
                 quantize_module(fresh, self.plan.qtype_te or "qfloat8", "text encoder")
             self._mllm_variants[want] = fresh
         components.mllm = self._mllm_variants[want]
+
+
+def probe_score(item: ReplayItem, algorithm: str, replay: Replay, score_fn, on_replay=None):
+    """A choice's probe replay finished: its pixels (waiting for a deferred decode), handed to ``on_replay`` when
+    fresh (to cache them), and scored with ``score_fn(item, pixels)``. Runs on the choices' worker thread."""
+    pixels = replay.wait()
+    if on_replay is not None and not replay.cached:
+        on_replay(item, algorithm, replay)
+    return score_fn(item, pixels)
 
 
 def merged_trial(first: dict, shares: list[dict], probes: int) -> dict:
