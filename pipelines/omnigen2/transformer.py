@@ -517,21 +517,22 @@ class OmniGen2Transformer(nn.Module):
         ref_len = sum(rh * rw for rh, rw in ref_grids)
         lengths = tuple(t.length for t in texts)
         padded = max(lengths)
-        # The image and reference tokens' positions shift with the text length: refine them once per distinct
-        # length (batch 1 when the texts are equally long), at the positions they take in the joint sequence.
-        distinct = lengths[:1] if len(set(lengths)) == 1 else lengths
-        cos, sin = self.real_rotations(distinct, padded, ref_grids, image_grid, device)
-        rows = len(distinct)
+        # Rotations per sample of the joint sequence (one row when the texts are equally long). The image and
+        # reference tokens are refined once for every text, at the first text's positions: their positions move
+        # with the text length on the first rotary axis only, by the same amount for every token, and rotating
+        # both queries and keys by one angle leaves their products unchanged (so the refiners' outputs do not
+        # depend on it, up to rounding).
+        cos, sin = self.real_rotations(lengths[:1] if len(set(lengths)) == 1 else lengths, padded, ref_grids,
+                                       image_grid, device)
         image_at = padded + ref_len
-        tokens = self.x_embedder(patchify(latent[0], p).unsqueeze(0)).expand(rows, -1, -1).contiguous()
-        tokens = self._fast_blocks(self.noise_refiner, tokens, temb, cos[:, image_at:], sin[:, image_at:], None)
+        tokens = self.x_embedder(patchify(latent[0], p).unsqueeze(0))
+        tokens = self._fast_blocks(self.noise_refiner, tokens, temb, cos[:1, image_at:], sin[:1, image_at:], None)
         refs, offset = [], padded
         for index, ref in enumerate(ref_latents):
             n = (ref.shape[1] // p) * (ref.shape[2] // p)
             ref_tokens = self.ref_image_patch_embedder(patchify(ref, p).unsqueeze(0)) + self.image_index_embedding[index]
-            ref_tokens = ref_tokens.expand(rows, -1, -1).contiguous()
             window = slice(offset, offset + n)
-            refs.append(self._fast_blocks(self.ref_image_refiner, ref_tokens, temb, cos[:, window], sin[:, window], None))
+            refs.append(self._fast_blocks(self.ref_image_refiner, ref_tokens, temb, cos[:1, window], sin[:1, window], None))
             offset += n
         texts_padded = []
         for text in texts:
@@ -539,7 +540,7 @@ class OmniGen2Transformer(nn.Module):
             texts_padded.append(torch.cat([pad, text.features[:, : text.length]], dim=1))
         joint = torch.cat([torch.cat(texts_padded), *[r.expand(len(texts), -1, -1) for r in refs],
                            tokens.expand(len(texts), -1, -1)], dim=1)
-        starts = None if rows == 1 else tuple(padded - n for n in lengths)
+        starts = None if len(set(lengths)) == 1 else tuple(padded - n for n in lengths)
         joint = self._fast_blocks(self.layers, joint, temb, cos, sin, starts)
         velocity = self.norm_out(joint, temb)[:, -image_len:]
         return torch.stack([unpatchify(v, p, h, w) for v in velocity])
