@@ -97,115 +97,16 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
 
 
 def load_state_dict(files: list[Path], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of ``files``, read straight onto ``device`` (no pageable host copy on the way to a GPU)."""
-    device = torch.device(device)
+    """Every tensor of ``files``, read straight onto ``device`` (no host copy on the way to a GPU)."""
     state = {}
     for file in files:
         try:
-            if device.type == "cuda":
-                state.update(read_safetensors(file, device))
-                continue
             with safe_open(str(file), framework="pt", device=str(device)) as handle:
                 for key in handle.keys():
                     state[key] = handle.get_tensor(key)
-        except ModelLoadError:
-            raise
         except Exception as exc:
             raise ModelLoadError(file, f"unreadable safetensors file ({exc})") from None
     return state
-
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-STAGING_BYTES = 256 << 20  # each of the two pinned host buffers the file is read through
-
-
-def safetensors_header(file: Path, handle) -> tuple[list[tuple[str, torch.dtype, tuple, int, int]], int]:
-    """``(name, dtype, shape, start, end)`` of every tensor, by offset into the data, and where the data starts.
-    The format: an 8-byte little-endian header length, a JSON header, then the tensors' bytes."""
-    size = file.stat().st_size
-    raw = handle.read(8)
-    length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if length < 2 or 8 + length > size:
-        raise ModelLoadError(file, "not a safetensors file (bad header length)")
-    try:
-        header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(file, "not a safetensors file (header is not JSON)") from None
-    entries = []
-    data_size = size - 8 - length
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        if dtype is None:
-            raise ModelLoadError(file, f"tensor {name!r} has an unsupported dtype ({info!r:.60})")
-        start, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        count = 1
-        for d in shape:
-            count *= d
-        if not 0 <= start <= end <= data_size or end - start != count * dtype.itemsize:
-            raise ModelLoadError(file, f"tensor {name!r} has offsets outside the file or of the wrong size")
-        entries.append((name, dtype, shape, start, end))
-    entries.sort(key=lambda e: e[3])
-    return entries, 8 + length
-
-
-def read_safetensors(file: Path, device: torch.device, staging_bytes: int = STAGING_BYTES) -> dict[str, torch.Tensor]:
-    """A safetensors file read through two staging buffers (pinned, for a GPU) into one allocation per tensor.
-
-    The file is read in large chunks (``readinto``: the GIL is released during the read) while the previous
-    chunk's asynchronous copies run: from the page cache ~10x faster than per-tensor pageable copies out of a
-    memory map, and other threads (library imports) keep running. Each tensor gets its own allocation, as
-    ``from_pretrained`` gives it (the same alignment, so the same GEMM kernels). Used for GPUs; on the CPU
-    (tests) the same path without pinning or events."""
-    on_gpu = device.type == "cuda"
-    with open(file, "rb", buffering=0) as handle:
-        entries, data_at = safetensors_header(file, handle)
-        if not entries:
-            return {}
-        chunk = max(staging_bytes, max(end - start for _, _, _, start, end in entries))
-        stream = torch.cuda.current_stream(device) if on_gpu else None
-        staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
-        done = [None, None]  # the event after each buffer's last copies
-        state: dict[str, torch.Tensor] = {}
-        index, turn = 0, 0
-        while index < len(entries):
-            # the tensors whose bytes fit one chunk from here (contiguous in the file: read in one go)
-            first = entries[index][3]
-            last = index
-            while last + 1 < len(entries) and entries[last + 1][4] - first <= chunk:
-                last += 1
-            group = entries[index : last + 1]
-            span = group[-1][4] - first
-            buffer = staging[turn]
-            if done[turn] is not None:
-                done[turn].synchronize()  # its previous copies have left it
-            handle.seek(data_at + first)
-            view = memoryview(buffer.numpy())[:span]
-            got = 0
-            while got < span:
-                n = handle.readinto(view[got:])
-                if not n:
-                    raise ModelLoadError(file, "truncated safetensors file")
-                got += n
-            for name, dtype, shape, start, end in group:
-                tensor = torch.empty(shape, dtype=dtype, device=device)
-                if end > start:
-                    flat = tensor.view(-1).view(torch.uint8) if dtype.itemsize > 1 else tensor.view(-1)
-                    flat.copy_(buffer[start - first : end - first].view(flat.dtype), non_blocking=True)
-                state[name] = tensor
-            if on_gpu:
-                done[turn] = torch.cuda.Event()
-                done[turn].record(stream)
-            index, turn = last + 1, 1 - turn
-        if on_gpu:
-            stream.synchronize()
-        return state
 
 
 def load_transformer(root: Path, dtype: torch.dtype, device: torch.device) -> OmniGen2Transformer:
