@@ -109,9 +109,6 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     def score_of(item: ReplayItem, pixels: np.ndarray):
         return score_replay(samples / item.file, pixels, options.thresholds)
 
-    def ssim_of(item: ReplayItem, pixels: np.ndarray) -> float:
-        return score_of(item, pixels).metrics.ssim
-
     fresh: dict[str, np.ndarray] = {}  # probe replays of the noise choice, by cache key: reused, never redone
 
     def keep_probe(item: ReplayItem, algorithm: str, replay) -> None:
@@ -138,7 +135,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         clock.mark("load", load_detail(replayer.load_timings))
         if progress:
             progress("choosing the noise algorithm")
-        replayer.choose_noise_algorithm(ssim_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
+        replayer.choose_noise_algorithm(score_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
                                         on_replay=keep_probe if plain else None,
                                         clear_ssim=options.thresholds.drift_min_ssim,
                                         lookup=cached_pixels if plain else None)

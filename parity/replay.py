@@ -314,8 +314,11 @@ class Replayer:
     ) -> tuple[str, str]:
         """Pick the CPU draw algorithm that reproduces the step-0 (base-only) previews best.
 
-        In two stages: every distinct candidate replays the first step-0 preview; when the best reaches
-        ``clear_ssim`` (pass the DRIFT threshold: the same picture) and every other stays below
+        ``score_fn(item, pixels)`` is ``parity.scores.score_replay``'s Score (or just an SSIM). The likeliest
+        candidate (this torch's own draw; with several ranks, one candidate each) replays the first step-0 preview
+        first: a replay identical to the preview (EXACT) decides it at once, since no other draw gives the same
+        pixels. Otherwise in two stages: every distinct candidate replays the first step-0 preview; when the best
+        reaches ``clear_ssim`` (pass the DRIFT threshold: the same picture) and every other stays below
         ``unrelated_ssim`` (a wrong draw gives an unrelated picture, SSIM about 0.07), that decides it. A
         candidate whose draw is nearly the best's (a few values in 10k apart) makes the same picture, so it
         scores high too without making the choice unclear; the better of the two on that preview wins.
@@ -356,14 +359,20 @@ class Replayer:
             return differing(a, b) <= NEAR_DRAW_SHARE * draws[a].size
 
         rank, world = part
-        first = [(name, 0) for name in names]
-        # this torch's own draw first among the rest: the likeliest to be reused when taken in advance
+        # this torch's own draw first: the likeliest to reproduce the previews (and to be reused when a replay is
+        # taken in advance)
         likely = sorted(names, key=lambda n: n != native)
+        first = [(name, 0) for name in likely]
         rest = [(name, index) for index in range(1, len(probes)) for name in likely]
-        ahead = -len(first) % world  # idle slots of the first stage
-        stages = [first + rest[:ahead], rest[ahead:]]
-        found: dict[tuple[str, int], float] = {}
+        screen, first = first[:world], first[world:]
+        ahead = -len(first) % world  # idle slots of the first preview's stage
+        stages = [screen, first + rest[:ahead], rest[ahead:]]
+        found: dict[tuple[str, int], tuple[float, bool]] = {}  # (SSIM, EXACT) per (candidate, probe)
         used = 1
+        identical = None
+
+        def scored(item: ReplayItem, name: str, replay: Replay) -> tuple[float, bool]:
+            return ssim_and_exact(probe_score(item, name, replay, score_fn, on_replay))
 
         # On a GPU each probe replay is queued and scored (and cached) on a worker thread while the next one
         # runs; on the CPU the replays use every core, so the scoring waits its turn.
@@ -374,21 +383,31 @@ class Replayer:
                 for name, index in units[rank::world]:  # this process's share of the stage's replays
                     replay = self.replay_or_cached(probes[index], name, lookup, deferred=on_gpu)
                     if on_gpu:
-                        future = worker.submit(probe_score, probes[index], name, replay, score_fn, on_replay)
-                        queued.append(((name, index), future))
+                        queued.append(((name, index), worker.submit(scored, probes[index], name, replay)))
                     else:
-                        found[(name, index)] = probe_score(probes[index], name, replay, score_fn, on_replay)
+                        found[(name, index)] = scored(probes[index], name, replay)
                 for unit, future in queued:
                     found[unit] = future.result()
                 if gather is not None:
                     found = gather(found)
                 if stage == 0:
-                    top = max(names, key=lambda n: (found[(n, 0)], -names.index(n)))
-                    others = [found[(n, 0)] for n in names if not near(n, top)]
-                    if found[(top, 0)] >= clear_ssim and all(s < unrelated_ssim for s in others):
+                    # a draw whose replay is identical to the preview is the one: no other gives the same pixels
+                    identical = next((n for n in likely if found.get((n, 0), (0.0, False))[1]), None)
+                    if identical:
+                        break
+                elif stage == 1:
+                    top = max(names, key=lambda n: (found[(n, 0)][0], -names.index(n)))
+                    others = [found[(n, 0)][0] for n in names if not near(n, top)]
+                    if found[(top, 0)][0] >= clear_ssim and all(s < unrelated_ssim for s in others):
                         break  # a second preview would tell apart no more than the first already did
-                used = len(probes)
-        scores = {name: float(np.mean([found[(name, index)] for index in range(used)])) for name in names}
+                    used = len(probes)
+        if identical:
+            self.noise_algorithm = identical
+            # (the draws other ranks screened beside it are left out: the report is the same on any number of ranks)
+            self.noise_reason = ("chosen from 1 step-0 preview: its replay is identical to the preview (EXACT), "
+                                 "so no other draw was needed")
+            return self.noise_algorithm, self.noise_reason
+        scores = {name: float(np.mean([found[(name, index)][0] for index in range(used)])) for name in names}
         ranked = sorted(names, key=lambda n: (-scores[n], names.index(n)))
         best = ranked[0]
         self.noise_algorithm = best
@@ -686,6 +705,15 @@ def probe_score(item: ReplayItem, algorithm: str, replay: Replay, score_fn, on_r
     if on_replay is not None and not replay.cached:
         on_replay(item, algorithm, replay)
     return score_fn(item, pixels)
+
+
+def ssim_and_exact(score) -> tuple[float, bool]:
+    """A probe's SSIM and whether its replay reproduced the preview (EXACT), from a ``parity.scores`` Score; a bare
+    SSIM (a caller that scores only that) is never taken for EXACT."""
+    metrics = getattr(score, "metrics", None)
+    if metrics is None:
+        return float(score), False
+    return float(metrics.ssim), score.verdict.value == "EXACT"
 
 
 def merged_trial(first: dict, shares: list[dict], probes: int) -> dict:

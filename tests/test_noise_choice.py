@@ -36,6 +36,17 @@ def scorer(table: dict[tuple[str, int], float]):
     return lambda item, pixels: table.get(pixels, 0.07)
 
 
+def exact_scorer(table: dict[tuple[str, int], float], exact: set[tuple[str, int]]):
+    """Scores as ``parity.scores.score_replay`` gives them: SSIM and a verdict (EXACT for the pairs in ``exact``)."""
+
+    def score(item, pixels):
+        verdict = "EXACT" if pixels in exact else "PASS"
+        metrics = SimpleNamespace(ssim=1.0 if pixels in exact else table.get(pixels, 0.07))
+        return SimpleNamespace(metrics=metrics, verdict=SimpleNamespace(value=verdict))
+
+    return score
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # cuda: scored on a worker thread (the replay is faked)
 def test_a_clear_first_preview_decides_without_the_second(monkeypatch, device):
     log = []
@@ -145,3 +156,42 @@ def test_probes_in_the_replay_cache_are_not_replayed_again(monkeypatch):
     name, _ = replayer.choose_noise_algorithm(scorer({("torch2.13-avx2", 0): 1.0}), lookup=lookup,
                                               on_replay=lambda *a: seen.append(a))
     assert name == "torch2.13-avx2" and log == [] and seen == []  # nothing replayed, nothing cached again
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_replay_identical_to_the_preview_decides_at_once(monkeypatch, device):
+    """This torch's own draw replays the first preview first; identical to it (EXACT), no other draw is tried."""
+    from pipelines.omnigen2 import noise
+
+    monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-scalar")
+    log = []
+    replayer = fake_replayer(monkeypatch, log, device)
+    name, reason = replayer.choose_noise_algorithm(exact_scorer({}, {("torch2.13-scalar", 0)}))
+    assert name == "torch2.13-scalar" and log == [("torch2.13-scalar", 0)]
+    assert reason == "chosen from 1 step-0 preview: its replay is identical to the preview (EXACT), so no other draw was needed"
+    # not identical (another machine's kernels): every candidate on the first preview, as before
+    log.clear()
+    replayer = fake_replayer(monkeypatch, log, device)
+    name, reason = replayer.choose_noise_algorithm(exact_scorer({("torch2.13-scalar", 0): 0.97}, set()))
+    assert name == "torch2.13-scalar" and sorted(log) == sorted((c, 0) for c in CANDIDATES)
+    assert reason.startswith("chosen from 1 step-0 preview (clear at once, so no second was replayed): SSIM 0.970")
+
+
+def test_torchrun_ranks_screen_one_draw_each_and_stop_at_an_identical_one(monkeypatch, run_ranks_in_threads):
+    from pipelines.omnigen2 import noise
+
+    monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-avx2")
+    logs = [[], []]
+    replayers = [fake_replayer(monkeypatch, logs[r]) for r in range(2)]
+    score = exact_scorer({}, {("torch2.13-avx2", 0)})
+
+    def work(rank, gather):
+        return replayers[rank].choose_noise_algorithm(score, part=(rank, 2), gather=gather)
+
+    results = run_ranks_in_threads(2, work)
+    assert logs == [[("torch2.13-avx2", 0)], [("torch2.11-avx512", 0)]]  # one replay each, at once
+    # the same words as one process: the report does not depend on the number of ranks
+    assert results[0] == results[1] == (
+        "torch2.13-avx2",
+        "chosen from 1 step-0 preview: its replay is identical to the preview (EXACT), so no other draw was needed",
+    )
