@@ -32,6 +32,10 @@ from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, load_rgb, score_replay
 from reports.html import save_card_images
 
+# Step-0 previews the kernel choice replays in a run that checks none of them itself (--steps latest): enough to
+# tell kernel sets apart (a wrong one differs at the first), without replays that serve the choice alone.
+KERNEL_PROBES_UNCHECKED = 2
+
 PIPELINE_PROFILES = {
     "aitoolkit": "aitoolkit-omnigen2-preview",  # reproduce the training previews
     "server": "ai-toolkit-inference-omnigen2",  # render each preview's request as the inference server does
@@ -143,9 +147,12 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         if plain:
             if progress:
                 progress("choosing the kernels")
+            # When this run checks no step-0 preview (--steps latest, say), the choice replays a few only: their
+            # replays serve the choice alone.
+            checks_step0 = any(i.step == 0 and i.replayable for i in items)
             replayer.choose_kernels(score_of, part=(dist.rank, dist.world),
                                     gather=merged if dist.world > 1 else None, on_replay=keep_probe,
-                                    lookup=cached_pixels)
+                                    lookup=cached_pixels, max_probes=None if checks_step0 else KERNEL_PROBES_UNCHECKED)
             clock.mark("kernel choice")
         if dist.is_main and options.replay.fast:
             if progress:

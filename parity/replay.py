@@ -436,7 +436,8 @@ class Replayer:
         return sorted({int(m.weight.shape[0]) for m in modules if isinstance(m, RMSNorm)})
 
     def choose_kernels(
-        self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None, lookup=None
+        self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None, lookup=None,
+        max_probes: int | None = None,
     ) -> tuple[str, str]:
         """With ``--kernels auto``: the kernel profile that reproduces a step-0 preview bit for bit.
 
@@ -450,7 +451,9 @@ class Replayer:
         (the replays of the run itself when it is the one). One process tries them in the same order and stops
         where it would have. What each candidate gave is kept in ``kernel_trials`` for the report: the measured
         drift of the kernel choice. ``lookup(item, key)`` gives a probe's pixels from the replay cache if there
-        (the noise choice replayed the first one with the likeliest kernels already).
+        (the noise choice replayed the first one with the likeliest kernels already). ``max_probes``: check only
+        the first so many step-0 previews (a run that does not check the step-0 previews themselves: replaying
+        them all would be work for the choice alone).
         """
         import torch
 
@@ -468,7 +471,8 @@ class Replayer:
         if self.options.fast:
             self.kernel_reason = "--fast: PyTorch's kernels (its last bits differ from any trainer's anyway)"
             return kernels.kernel_profile(), self.kernel_reason
-        probes = self.step0_probes()
+        every_probe = self.step0_probes()
+        probes = every_probe[:max_probes] if max_probes else every_probe
         candidates = kernels.kernel_candidates(self.block_norm_widths(), self.options.kernel_search)
         if not probes:
             kernels.set_kernel_profile(candidates[0])
@@ -508,7 +512,11 @@ class Replayer:
         tried = len(self.kernel_trials)
         sets = f"{tried} kernel set{'s' if tried > 1 else ''} tried"
         if chosen:
-            self.kernel_reason = f"reproduces all {len(probes)} step-0 preview(s) bit for bit ({sets})"
+            if len(probes) < len(every_probe):
+                self.kernel_reason = (f"reproduces the first {len(probes)} of {len(every_probe)} step-0 previews bit "
+                                      f"for bit ({sets}; the others are not checked in this run)")
+            else:
+                self.kernel_reason = f"reproduces all {len(probes)} step-0 preview(s) bit for bit ({sets})"
         else:
             best = max(self.kernel_trials, key=lambda t: t["probes_identical"])
             ssims = [t["ssim"] for t in self.kernel_trials]

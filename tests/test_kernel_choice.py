@@ -122,3 +122,35 @@ def test_torchrun_ranks_check_the_cached_likeliest_set_first(fake_kernels, run_r
     results = run_ranks_in_threads(world, work)
     assert results[0] == results[1] and results[0][0][0] == made
     assert logs == expected
+
+
+def test_a_run_that_checks_no_step0_preview_replays_only_the_first_few(fake_kernels):
+    log = []
+    r = replayer(log)
+    spec, reason = r.choose_kernels(scorer(made_with("torch")), max_probes=2)
+    assert spec == "torch" and log == [("triton:16", 0), ("torch", 0), ("torch", 1)]
+    assert reason == ("reproduces the first 2 of 3 step-0 previews bit for bit (2 kernel sets tried; the others are "
+                      "not checked in this run)")
+
+
+@pytest.mark.parametrize("steps, max_probes", [("all", None), ("0", None), ("latest", 2)])
+def test_check_limits_the_kernel_probes_only_when_it_checks_no_step0_preview(
+    fake_kernels, monkeypatch, tmp_path, steps, max_probes
+):
+    """run_check's wiring: --steps latest leaves the step-0 previews unchecked, so the choice replays two."""
+    from parity import check
+    from parity.replay import Replayer
+
+    seen = {}
+
+    def choose_kernels(self, score_fn, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")  # the rest of the run is not this test's
+
+    monkeypatch.setattr(Replayer, "choose_noise_algorithm", lambda self, *a, **k: ("torch2.13-avx2", "given"))
+    monkeypatch.setattr(Replayer, "choose_kernels", choose_kernels)
+    options = check.CheckOptions(out_dir=tmp_path / "out", steps=steps,
+                                 replay=ReplayOptions(base_model="unused", device="cuda"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        check.run_check(ORACLE_DIR / "jobs" / "og2_basic", options)
+    assert seen["max_probes"] == max_probes
