@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.omnigen2 import noise, quirks
+from pipelines.common import noise
+from pipelines.omnigen2 import quirks
 from pipelines.omnigen2.denoise import StepGraphs, denoise
 from pipelines.omnigen2.loading import Components
 from pipelines.omnigen2.transformer import text_length
