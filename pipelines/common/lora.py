@@ -17,6 +17,7 @@ Base weights are restored exactly from a snapshot of the pristine tensors, never
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,11 +125,13 @@ def _strip_prefix(key: str) -> tuple[str, str]:
     return "", key
 
 
-def read_lora(path: str | Path, module_names: list[str] | None = None) -> LoraFile:
+def read_lora(path: str | Path, module_names: list[str] | None = None,
+              convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> LoraFile:
     """Parse a LoRA safetensors file of any supported format.
 
     ``module_names`` (the transformer's Linear paths) resolves kohya ``lora_unet_a_b_c`` names, whose dots were
-    flattened to underscores; without it kohya keys stay unparsed.
+    flattened to underscores; without it kohya keys stay unparsed. ``convert`` is a family's key mapping, applied
+    to the file's tensors first (e.g. FLUX.1's original-layout names to diffusers' module paths).
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -141,6 +144,8 @@ def read_lora(path: str | Path, module_names: list[str] | None = None) -> LoraFi
         raise LoraError(path, f"unreadable safetensors file ({exc})") from None
     if not tensors:
         raise LoraError(path, "contains no tensors")
+    if convert is not None:
+        tensors = convert(tensors)
 
     kohya = {name.replace(".", "_"): name for name in module_names or []}
     downs, ups, alphas, unparsed = {}, {}, {}, []
