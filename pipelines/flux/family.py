@@ -1,0 +1,160 @@
+"""The FLUX.1 family as the harness sees it (torch-free at import: the plan reads the rules without torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.family import Family, KnobFlip, LoadSpec, ModelDirError, PreviewRules, Session
+from pipelines.flux import rules
+
+TRANSFORMER_CLASS = "FluxTransformer2DModel"
+WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# black-forest-labs/FLUX.1-dev transformer/config.json: what a LoRA is checked against without a model folder.
+FLUX1_DEV_CONFIG: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+
+def safetensors_weights(folder: Path) -> list[Path]:
+    """The folder's safetensors files (one or shards); ModelDirError for pickle-only or empty folders."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelDirError(pickles[0], "pickle checkpoint: parity loads safetensors only (convert it first)")
+    raise ModelDirError(folder, "no safetensors weights found")
+
+
+def transformer_config(root: Path) -> dict[str, Any]:
+    """``transformer/config.json`` of ``root``, checked to be a FluxTransformer2DModel."""
+    path = root / "transformer" / "config.json"
+    if not path.is_file():
+        raise ModelDirError(path, "missing transformer config")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    name = config.get("_class_name")
+    if name != TRANSFORMER_CLASS:
+        raise ModelDirError(path, f"transformer class is {name!r}, not {TRANSFORMER_CLASS} (not a FLUX.1 model)")
+    return config
+
+
+def check_model_dir(root: Path) -> None:
+    """Raise ModelDirError (one line) unless ``root`` is a diffusers-layout FLUX.1 folder with safetensors
+    weights for the transformer, VAE, CLIP and T5, and both tokenizers."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelDirError(root, "model folder not found", missing=True)
+    expected = ", ".join(WEIGHT_FOLDERS + TOKENIZER_FOLDERS)
+    for sub in WEIGHT_FOLDERS + TOKENIZER_FOLDERS:
+        if not (root / sub).is_dir():
+            raise ModelDirError(root / sub, f"missing subfolder '{sub}' (a FLUX.1 folder has {expected})")
+    transformer_config(root)
+    for sub in WEIGHT_FOLDERS:
+        safetensors_weights(root / sub)
+    for sub in TOKENIZER_FOLDERS:
+        if not any((root / sub).iterdir()):
+            raise ModelDirError(root / sub, "empty tokenizer folder")
+
+
+def knob_flips(item: Any) -> list[KnobFlip]:
+    """FLUX.1 settings a preview may have been made with that the job's config does not say plainly.
+
+    ``item`` may carry ``model_kwargs`` (the job's model: section); then only the opposite of each setting is
+    offered, else both ways. Options read by the pipeline: ``true_cfg``, ``attn_masking``.
+    """
+    model_kwargs = getattr(item, "model_kwargs", None)
+    flips = []
+    for key, on, off in (("use_flux_cfg", _TRUE_CFG_ON, _TRUE_CFG_OFF), ("attn_masking", _MASK_ON, _MASK_OFF)):
+        if isinstance(model_kwargs, dict):
+            flips.append(off if model_kwargs.get(key) else on)
+        else:
+            flips.extend((on, off))
+    return flips
+
+
+_TRUE_CFG_ON = KnobFlip(
+    code="flux_true_cfg_on",
+    label="true CFG on (model.use_flux_cfg)",
+    options=(("true_cfg", True),),
+    title="The preview was made with true CFG: guidance embedding bypassed, negative prompt used",
+    fix="Replay with model.use_flux_cfg: true, as the training job had it",
+)
+_TRUE_CFG_OFF = KnobFlip(
+    code="flux_true_cfg_off",
+    label="true CFG off (guidance embedding only)",
+    options=(("true_cfg", False),),
+    title="The preview was made with the plain FluxPipeline: guidance embedding only, negative prompt unused",
+    fix="Replay without model.use_flux_cfg, as the training job had it",
+)
+_MASK_ON = KnobFlip(
+    code="flux_attn_masking_on",
+    label="T5 padding zeroed (model.attn_masking)",
+    options=(("attn_masking", True),),
+    title="The preview's T5 embeddings had their padded positions zeroed (model.attn_masking)",
+    fix="Replay with model.attn_masking: true (and is_flux: true, which ai-toolkit requires for it)",
+)
+_MASK_OFF = KnobFlip(
+    code="flux_attn_masking_off",
+    label="T5 padding kept (no attn_masking)",
+    options=(("attn_masking", False),),
+    title="The preview's T5 embeddings kept their padded positions (no model.attn_masking)",
+    fix="Replay without model.attn_masking, as the training job had it",
+)
+
+
+def lora_targets(root: Path | None) -> list[str]:
+    """Every Linear module path of the FLUX.1 transformer: of ``root``'s config (built on the meta device, no
+    weights read), or of FLUX.1-dev's (19 double + 38 single blocks, 3072 wide) when ``root`` is None."""
+    config = FLUX1_DEV_CONFIG if root is None else transformer_config(Path(root))
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**fields)
+    except (TypeError, ValueError) as exc:
+        where = "FLUX.1-dev config" if root is None else Path(root) / "transformer" / "config.json"
+        raise ModelDirError(where, f"cannot build the transformer ({exc})") from None
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def _load(spec: LoadSpec) -> Session:
+    from pipelines.flux.session import load_session
+
+    return load_session(spec)
+
+
+FAMILY = Family(
+    name="flux",
+    label="FLUX.1",
+    archs=("flux",),
+    rules=PreviewRules(
+        generation_size=rules.generation_size,
+        saved_size=rules.saved_size,
+        uses_negative=rules.uses_negative,
+        quirks=rules.QUIRKS,
+    ),
+    load=_load,
+    check_model_dir=check_model_dir,
+    knob_flips=knob_flips,
+    server_profile=None,
+    lora_targets=lora_targets,
+)
