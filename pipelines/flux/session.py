@@ -1,0 +1,153 @@
+"""One loaded FLUX.1 base model and the LoRA state of its transformer: the ``Session`` of ``pipelines/family.py``.
+
+The harness drives it with plain values: ``set_weights(WeightState)`` then ``render(RenderRequest)``. LoRAs are
+patched by ``pipelines.common.lora.LoraPatcher`` (ai-toolkit's merge, merge-out and hook rules) after the FLUX.1
+key mapping of ``lora_keys.py``; the base weights come back bit for bit between states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.common.lora import LoraFile, LoraPatcher, linear_modules, match_lora, read_lora
+from pipelines.family import Done, LoadSpec, Rendered, RenderRequest, WeightState
+from pipelines.flux import lora_keys
+from pipelines.flux.loading import Components, load_components
+from pipelines.flux.pipeline import FluxReplayPipeline
+
+KERNELS = ("torch",)  # PyTorch's own kernels: what ai-toolkit's FLUX.1 path runs on a CPU and on a GPU
+MODES = ("merged", "hooks", "server")
+
+
+def folder_fingerprint(root: Path) -> str:
+    """Identity of a model folder without reading its weights: every file's relative name, size and mtime."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class FluxSession:
+    """A FLUX.1 base load, its LoRA state and its replay pipeline. Not thread-safe: one render at a time.
+
+    ``fast`` is kept for the protocol but changes nothing: FLUX.1 has no faster inexact path here, every
+    replay runs ai-toolkit's exact numerics.
+    """
+
+    def __init__(self, components: Components, spec: LoadSpec):
+        self.c = components
+        self.spec = spec
+        self.pipeline = FluxReplayPipeline(
+            components,
+            true_cfg=bool(spec.model_kwargs.get("use_flux_cfg", False)),
+            attn_masking=bool(spec.model_kwargs.get("attn_masking", False)),
+        )
+        self.patcher = LoraPatcher(components.transformer)
+        self.module_names = list(linear_modules(components.transformer))
+        self.fingerprint = folder_fingerprint(components.root)
+        self.timings = dict(components.timings)
+        self.kernels = "torch"
+        self.fast = spec.fast
+        self._loras: dict[tuple[str, int, int], LoraFile] = {}
+        self._state = WeightState()  # the pristine base
+
+    # ------------------------------------------------------------------------------------------- LoRA files
+
+    def read_lora(self, path: Path) -> LoraFile:
+        """Parse a LoRA file of any FLUX.1 format onto this transformer's module names (cached per file)."""
+        path = Path(path)
+        stat = path.stat() if path.is_file() else None
+        key = (str(path.resolve()), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+        if key not in self._loras:
+            self._loras[key] = read_lora(path, self.module_names, convert=lora_keys.convert)
+        return self._loras[key]
+
+    def match_lora(self, lora: LoraFile):
+        """Which of ``lora``'s modules load where (``KeyReport``)."""
+        return match_lora(lora, self.c.transformer)
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def set_weights(self, state: WeightState) -> None:
+        """Put the transformer in ``state``. "merged": ai-toolkit's fp32 merge on the base drifted by
+        ``history`` (each earlier round merged and merged out); "hooks": an unmerged side branch; "server":
+        the inference server's fuse. A quantised transformer always runs hooks, on an undrifted base: ai-toolkit
+        cannot merge into it (network_mixins.py merge_in). Nothing is redone when ``state`` is unchanged."""
+        if state.mode not in MODES:
+            raise ValueError(f"WeightState.mode must be one of {', '.join(MODES)}, got {state.mode!r}")
+        if self.c.quantized and state.lora is not None:
+            state = WeightState(state.lora, state.multiplier, "hooks", ())
+        elif self.c.quantized:
+            state = WeightState()
+        if state == self._state:
+            return
+        if self._next_merged_round(state):
+            # the earlier round's merge-out then this round's merge: the same bits as restoring the base and
+            # replaying every earlier round, without the replay
+            self.patcher.merge_out(self.read_lora(self._state.lora), self._state.multiplier)
+        else:
+            self.patcher.restore()
+            self.patcher.replay_merge_history([(self.read_lora(path), m) for path, m in state.history])
+        if state.lora is not None:
+            lora = self.read_lora(state.lora)
+            if state.mode == "merged":
+                self.patcher.merge(lora, state.multiplier)
+            elif state.mode == "hooks":
+                self.patcher.attach(lora, state.multiplier)
+            else:
+                self.patcher.merge_like_server(lora, state.multiplier)
+        self._state = state
+
+    def _next_merged_round(self, state: WeightState) -> bool:
+        current = self._state
+        return (
+            current.mode == "merged"
+            and state.mode == "merged"
+            and current.lora is not None
+            and state.history == (*current.history, (current.lora, current.multiplier))
+        )
+
+    # ------------------------------------------------------------------------------------------- rendering
+
+    def render(self, request: RenderRequest, deferred: bool = False) -> Rendered:
+        """Replay ``request`` on the current weights; ``deferred``: return once the decode is queued."""
+        output = self.pipeline(request, deferred=deferred)
+        return output.pending if deferred else Done(output.pixels)
+
+    def noise(self, request: RenderRequest, algorithm: str) -> np.ndarray:
+        """The raw initial noise ``(1, 16, h, w)`` ``request`` starts from with ``algorithm``, as float32."""
+        return self.pipeline.initial_noise(request, algorithm).float().numpy()
+
+    def kernel_candidates(self, search: int) -> list[str]:
+        """Only PyTorch's kernels: ai-toolkit's FLUX.1 path has no kernel of its own to reproduce."""
+        return list(KERNELS)
+
+    def set_kernels(self, spec: str) -> None:
+        if spec not in KERNELS:
+            raise ValueError(f"FLUX.1 replays run on {', '.join(KERNELS)} kernels only, got {spec!r}")
+        self.kernels = spec
+
+
+def load_session(spec: LoadSpec) -> FluxSession:
+    """Load FLUX.1 for ``spec``. ``model.quantize`` quantises the transformer with ``qtype``, ``quantize_te``
+    quantises T5 with ``qtype`` too: ai-toolkit's is_flux branch passes model.qtype, not qtype_te. CUDA graphs
+    and compilation are not used for FLUX.1 (``spec.cuda_graphs``/``compile`` are ignored)."""
+    try:
+        dtype = getattr(torch, spec.dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {spec.dtype!r}") from None
+    components = load_components(
+        spec.root,
+        dtype=dtype,
+        device=spec.device,
+        qtype=spec.qtype if spec.quantize else None,
+        qtype_te=spec.qtype if spec.quantize_te else None,
+    )
+    session = FluxSession(components, spec)
+    session.set_kernels("torch" if spec.kernels == "auto" else spec.kernels)
+    return session
