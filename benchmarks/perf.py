@@ -60,7 +60,8 @@ from full_size import (  # noqa: E402
     random_encodings,
 )
 
-from pipelines.omnigen2 import kernels, noise, quirks  # noqa: E402
+from pipelines.common import noise  # noqa: E402
+from pipelines.omnigen2 import kernels, quirks  # noqa: E402
 from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest  # noqa: E402
 
 GIB = 1024**3
@@ -309,7 +310,7 @@ def profile_pipe(pipe, request, top: int = 14) -> list[dict]:
 
 def random_lora(patcher, seed: int, rank: int = 16):
     """A LoRA over every Linear of the transformer (float32 on the CPU, as read from a file)."""
-    from pipelines.omnigen2.lora import LoraModule
+    from pipelines.common.lora import LoraModule
 
     g = torch.Generator().manual_seed(seed)
     modules = {}
@@ -345,7 +346,7 @@ def whole_job(args, config, model, vae, device, dtype, out_dir: Path) -> dict:
 
     from parity.check import save_png_atomic
     from parity.scores import score_replay
-    from pipelines.omnigen2.lora import LoraPatcher
+    from pipelines.common.lora import LoraPatcher
 
     cuda = cuda_mod()
     C, P, size = args.job_checkpoints, args.job_prompts, args.job_size

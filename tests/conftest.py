@@ -1,7 +1,7 @@
 import os
 
 # Hold CPU kernels to the AVX2 paths the oracle previews were made with (read when torch loads).
-from pipelines.omnigen2.cpu_profile import CPU_PROFILES
+from pipelines.common.cpu_profile import CPU_PROFILES
 
 for _key, _value in CPU_PROFILES["avx2"].items():
     os.environ.setdefault(_key, _value)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.omnigen2.noise import (
+from pipelines.common.noise import (
     ALGORITHMS,
     NoiseAlgorithm,
     _expected_native,

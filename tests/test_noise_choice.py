@@ -95,7 +95,7 @@ def run_ranks(monkeypatch, run_ranks_in_threads, world: int, table) -> list[tupl
 
 
 def test_torchrun_split_decides_the_same_on_every_rank(monkeypatch, run_ranks_in_threads):
-    from pipelines.omnigen2 import noise
+    from pipelines.common import noise
 
     monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-avx2")
     # clear: 3 first-preview replays over 2 ranks; the idle slot takes a second-preview replay in advance, with
@@ -161,7 +161,7 @@ def test_probes_in_the_replay_cache_are_not_replayed_again(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_a_replay_identical_to_the_preview_decides_at_once(monkeypatch, device):
     """This torch's own draw replays the first preview first; identical to it (EXACT), no other draw is tried."""
-    from pipelines.omnigen2 import noise
+    from pipelines.common import noise
 
     monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-scalar")
     log = []
@@ -178,7 +178,7 @@ def test_a_replay_identical_to_the_preview_decides_at_once(monkeypatch, device):
 
 
 def test_torchrun_ranks_screen_one_draw_each_and_stop_at_an_identical_one(monkeypatch, run_ranks_in_threads):
-    from pipelines.omnigen2 import noise
+    from pipelines.common import noise
 
     monkeypatch.setattr(noise, "detect_native_algorithm", lambda probe=True: "torch2.13-avx2")
     logs = [[], []]

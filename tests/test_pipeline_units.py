@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fixtures.tiny_model import TINY_TRANSFORMER, TINY_VAE, randomise_
+from parity.plan import requested_size
+from pipelines.common.lora import LoraPatcher, linear_modules, match_lora, read_lora
 from pipelines.omnigen2 import quirks
-from pipelines.omnigen2.lora import LoraPatcher, linear_modules, match_lora, read_lora
 from pipelines.omnigen2.rope import apply_rotation, frequency_tables, gather_rotations, position_ids
 from pipelines.omnigen2.scheduler import FlowMatchEulerScheduler
 from pipelines.omnigen2.transformer import OmniGen2Config, OmniGen2Transformer, patchify, unpatchify
@@ -210,7 +211,7 @@ def test_noise_shape_uses_the_generation_size():
     ],
 )
 def test_requested_size_floors_to_8_with_a_minimum_of_64(width, height, expected):
-    assert quirks.requested_size(width, height) == expected
+    assert requested_size(width, height) == expected
 
 
 def _gradient_image(width: int, height: int) -> Image.Image:

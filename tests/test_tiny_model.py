@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures.tiny_model import build_tiny_omnigen2
-from pipelines.omnigen2.loading import ModelLoadError, load_components
+from pipelines.family import ModelDirError
+from pipelines.omnigen2.loading import load_components
 from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest
 
 WEIGHT_FILES = (
@@ -130,7 +131,7 @@ def test_overrides_change_the_transformer_config(tmp_path):
 
 def test_missing_subfolder_is_a_load_error_naming_it(broken_copy):
     shutil.rmtree(broken_copy / "vae")
-    with pytest.raises(ModelLoadError, match="missing subfolder 'vae'") as info:
+    with pytest.raises(ModelDirError, match="missing subfolder 'vae'") as info:
         load_components(broken_copy)
     assert info.value.path == str(broken_copy / "vae")
 
@@ -140,7 +141,7 @@ def test_transformer_config_of_another_class_is_a_load_error_naming_the_class(br
     config = json.loads(config_file.read_text())
     config["_class_name"] = "FluxTransformer2DModel"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="FluxTransformer2DModel") as info:
+    with pytest.raises(ModelDirError, match="FluxTransformer2DModel") as info:
         load_components(broken_copy)
     assert info.value.path == str(config_file)
 
@@ -151,7 +152,7 @@ def test_shape_mismatch_is_a_load_error_naming_the_key(broken_copy):
     state["layers.1.attn.to_k.weight"] = torch.zeros(48, 72)
     save_file(state, weights)
     with pytest.raises(
-        ModelLoadError, match=r"layers\.1\.attn\.to_k\.weight.*\(48, 72\).*\(24, 72\)"
+        ModelDirError, match=r"layers\.1\.attn\.to_k\.weight.*\(48, 72\).*\(24, 72\)"
     ) as info:
         load_components(broken_copy)
     assert info.value.path == str(broken_copy / "transformer")
@@ -164,7 +165,7 @@ def test_pickle_only_weights_folder_is_refused(broken_copy, rel):
     # Not a loadable pickle: a loader that tried to unpickle it would fail differently.
     pickle_file.write_bytes(b"\x80\x04 not a real pickle")
     weights.unlink()
-    with pytest.raises(ModelLoadError, match="pickle checkpoint: parity loads safetensors only") as info:
+    with pytest.raises(ModelDirError, match="pickle checkpoint: parity loads safetensors only") as info:
         load_components(broken_copy)
     assert info.value.path == str(pickle_file)
 
@@ -185,6 +186,6 @@ def test_transformer_loaded_on_its_own_thread_is_the_same_and_its_error_comes_fi
     # both the transformer and the VAE broken: the transformer's error, as when loaded one after the other
     (broken_copy / WEIGHT_FILES[0]).unlink()
     (broken_copy / WEIGHT_FILES[1]).write_bytes(b"not safetensors")
-    with pytest.raises(ModelLoadError, match="no safetensors weights found") as info:
+    with pytest.raises(ModelDirError, match="no safetensors weights found") as info:
         load_components(broken_copy)
     assert info.value.path.startswith(str(broken_copy / "transformer"))

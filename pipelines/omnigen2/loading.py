@@ -14,21 +14,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pipelines.common.files import resolve_model_dir, safetensors_files
+from pipelines.family import ModelDirError
 from pipelines.omnigen2.scheduler import FlowMatchEulerScheduler
 from pipelines.omnigen2.transformer import CONFIG_CLASS_NAME, OmniGen2Config, OmniGen2Transformer
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REQUIRED_SUBFOLDERS = ("transformer", "vae", "mllm", "processor")
-
-
-class ModelLoadError(Exception):
-    """The base model cannot be used. ``path`` names the file or folder; ``missing`` marks "not found"."""
-
-    def __init__(self, path: str | Path, problem: str, missing: bool = False):
-        self.path = str(path)
-        self.problem = problem
-        self.missing = missing
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -49,51 +40,20 @@ class Components:
         return FlowMatchEulerScheduler.from_config(self.scheduler_config)
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local folder as it is, else a Hugging Face repo id looked up in the local cache (never downloaded)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(path, "is a file, expected a diffusers-layout model folder")
-    text = str(name_or_path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:
-            raise ModelLoadError(
-                text, "not a folder and not in the local Hugging Face cache (parity never downloads)", missing=True
-            ) from None
-    raise ModelLoadError(path, "model folder not found", missing=True)
-
-
 def check_layout(root: Path) -> None:
     for sub in REQUIRED_SUBFOLDERS:
         if not (root / sub).is_dir():
-            raise ModelLoadError(root / sub, f"missing subfolder '{sub}' (expected {', '.join(REQUIRED_SUBFOLDERS)})")
+            raise ModelDirError(root / sub, f"missing subfolder '{sub}' (expected {', '.join(REQUIRED_SUBFOLDERS)})")
     config = root / "transformer" / "config.json"
     if not config.is_file():
-        raise ModelLoadError(config, "missing transformer config")
+        raise ModelDirError(config, "missing transformer config")
     try:
         data = json.loads(config.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(config, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ModelDirError(config, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     name = data.get("_class_name")
     if name != CONFIG_CLASS_NAME:
-        raise ModelLoadError(config, f"transformer class is {name!r}, not {CONFIG_CLASS_NAME} (parity supports omnigen2)")
-
-
-def safetensors_files(folder: Path, stem: str) -> list[Path]:
-    """The folder's safetensors weights (single file or shards), refusing pickle-only folders."""
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise ModelLoadError(pickles[0], "pickle checkpoint: parity loads safetensors only (convert it first)")
-    raise ModelLoadError(folder / f"{stem}.safetensors", "no safetensors weights found")
+        raise ModelDirError(config, f"transformer class is {name!r}, not {CONFIG_CLASS_NAME} (parity supports omnigen2)")
 
 
 def load_state_dict(files: list[Path], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -105,7 +65,7 @@ def load_state_dict(files: list[Path], device: torch.device | str = "cpu") -> di
                 for key in handle.keys():
                     state[key] = handle.get_tensor(key)
         except Exception as exc:
-            raise ModelLoadError(file, f"unreadable safetensors file ({exc})") from None
+            raise ModelDirError(file, f"unreadable safetensors file ({exc})") from None
     return state
 
 
@@ -116,17 +76,17 @@ def load_transformer(root: Path, dtype: torch.dtype, device: torch.device) -> Om
         with torch.device("meta"):
             model = OmniGen2Transformer(config)
     except ValueError as exc:
-        raise ModelLoadError(folder / "config.json", str(exc)) from None
+        raise ModelDirError(folder / "config.json", str(exc)) from None
     state = load_state_dict(safetensors_files(folder, "diffusion_pytorch_model"), device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ModelLoadError(folder, f"state dict does not match the OmniGen2 transformer: {detail}")
+        raise ModelDirError(folder, f"state dict does not match the OmniGen2 transformer: {detail}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != tuple(shape):
-            raise ModelLoadError(folder, f"shape mismatch for {key}: file {tuple(state[key].shape)}, config {tuple(shape)}")
+            raise ModelDirError(folder, f"shape mismatch for {key}: file {tuple(state[key].shape)}, config {tuple(shape)}")
     # Weights are cast to the model dtype once, as from_pretrained(torch_dtype=...) does.
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.to(device).eval().requires_grad_(False)
@@ -139,7 +99,7 @@ def load_vae(root: Path, dtype: torch.dtype, device: torch.device):
     try:
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:
-        raise ModelLoadError(root / "vae", f"cannot load the VAE ({type(exc).__name__}: {exc})") from None
+        raise ModelDirError(root / "vae", f"cannot load the VAE ({type(exc).__name__}: {exc})") from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -150,7 +110,7 @@ def load_mllm(root: Path, dtype: torch.dtype, device: torch.device):
     try:
         mllm = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "mllm", dtype=dtype, use_safetensors=True)
     except Exception as exc:
-        raise ModelLoadError(root / "mllm", f"cannot load the Qwen2.5-VL encoder ({type(exc).__name__}: {exc})") from None
+        raise ModelDirError(root / "mllm", f"cannot load the Qwen2.5-VL encoder ({type(exc).__name__}: {exc})") from None
     # ai-toolkit casts the loaded MLLM again with .to(dtype=...), which also rounds float buffers (rotary inv_freq).
     return mllm.to(device, dtype=dtype).eval().requires_grad_(False)
 
@@ -161,9 +121,9 @@ def load_tokenizer(root: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(root / "processor")
     except Exception as exc:
-        raise ModelLoadError(root / "processor", f"cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+        raise ModelDirError(root / "processor", f"cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(root / "processor", "tokenizer has no chat template (OmniGen2 prompts need it)")
+        raise ModelDirError(root / "processor", "tokenizer has no chat template (OmniGen2 prompts need it)")
     return tokenizer
 
 

@@ -12,24 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-SYSTEM_PROMPT = "You are a helpful assistant that generates high-quality images based on user instructions."
+from pipelines.omnigen2.rules import CHAT_TEMPLATE_PASSES, MAX_PIXELS, generation_size
 
-# ai-toolkit's OmniGen2 wrapper templates the prompt, then OmniGen2's encode_prompt templates it again.
-CHAT_TEMPLATE_PASSES = 2
+__all__ = ["CHAT_TEMPLATE_PASSES", "MAX_PIXELS", "generation_size"]  # the torch-free rules, re-exported here
+
+SYSTEM_PROMPT = "You are a helpful assistant that generates high-quality images based on user instructions."
 
 # encode_prompt's max_sequence_length: right truncation, so a long prompt loses its closing <|im_end|>.
 MAX_PROMPT_TOKENS = 256
 
-# OmniGen2 caps the generated area at 1024*1024 pixels (before the floor to 16).
-MAX_PIXELS = 1024 * 1024
-
 # ai-toolkit's unconditional pass keeps the reference latents (upstream OmniGen2 drops them).
 UNCOND_KEEPS_REFERENCE = True
-
-# ai-toolkit floors the requested size to a multiple of 8 with a minimum of 64 before sampling.
-SIZE_MULTIPLE = 8
-MIN_SIZE = 64
-
 
 def chat_text(tokenizer, prompt: str, passes: int = CHAT_TEMPLATE_PASSES) -> str:
     """The text fed to the tokenizer: OmniGen2's chat template applied ``passes`` times (twice in previews)."""
@@ -38,20 +31,6 @@ def chat_text(tokenizer, prompt: str, passes: int = CHAT_TEMPLATE_PASSES) -> str
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     return text
-
-
-def requested_size(width: int, height: int) -> tuple[int, int]:
-    """ai-toolkit's sample size: each side floored to a multiple of 8, at least 64."""
-    return (max(MIN_SIZE, width // SIZE_MULTIPLE * SIZE_MULTIPLE), max(MIN_SIZE, height // SIZE_MULTIPLE * SIZE_MULTIPLE))
-
-
-def generation_size(width: int, height: int) -> tuple[int, int]:
-    """The size OmniGen2 generates at: area capped at 1 MP, each side truncated to a multiple of 16.
-
-    The decoded image is resized back to ``width x height`` afterwards (``decode_to_pixels``).
-    """
-    ratio = min((MAX_PIXELS / (height * width)) ** 0.5, 1.0)
-    return int(width * ratio) // 16 * 16, int(height * ratio) // 16 * 16
 
 
 def resize_reference(image: Image.Image, width: int, height: int) -> Image.Image:
