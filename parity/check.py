@@ -29,18 +29,12 @@ from parity.jobfolder import read_job_folder
 from parity.plan import ReplayItem, ReplayPlan, build_plan
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
-from parity.scores import Thresholds, load_rgb, score_replay
+from parity.scores import Thresholds, Verdict, load_rgb, score_replay
 from reports.html import save_card_images
 
 # Step-0 previews the kernel choice replays in a run that checks none of them itself (--steps latest): enough to
 # tell kernel sets apart (a wrong one differs at the first), without replays that serve the choice alone.
 KERNEL_PROBES_UNCHECKED = 2
-
-PIPELINE_PROFILES = {
-    "aitoolkit": "aitoolkit-omnigen2-preview",  # reproduce the training previews
-    "server": "ai-toolkit-inference-omnigen2",  # render each preview's request as the inference server does
-}
-
 
 @dataclass
 class CheckOptions:
@@ -94,207 +88,288 @@ def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[str], None] | None = None):
-    """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
-    dist = distributed.current()
-    clock = PhaseClock(dist.rank)
-    plan = build_plan(job_dir, options.assets_dir)
-    items = select_items(plan, options.steps)
-    out = Path(options.out_dir).resolve()
-    guard_out_dir(out, Path(plan.job_dir).resolve())
-    replayer = Replayer(plan, options.replay)
-    job = read_job_folder(plan.job_dir)
-    lint = LintContext(job=job, base_model=options.replay.base_model)
-    replays_dir = out / "replays"
-    samples = Path(plan.job_dir) / "samples"
+@dataclass
+class CheckRun:
+    """One ``parity check``: what every step reads (plan, replayer, folders) and the probe replays they share."""
 
-    clock.mark("plan")
+    options: CheckOptions
+    plan: ReplayPlan
+    items: list[ReplayItem]
+    out: Path
+    replayer: Replayer
+    job: object  # the JobFolder
+    lint: LintContext
+    dist: object  # distributed.current()
+    clock: PhaseClock
+    progress: Callable[[str], None] | None = None
+    fresh: dict[str, np.ndarray] = field(default_factory=dict)  # probe replays by cache key: reused, never redone
+    fast_drift: dict | None = None
 
-    def score_of(item: ReplayItem, pixels: np.ndarray):
-        return score_replay(samples / item.file, pixels, options.thresholds)
+    @property
+    def replays_dir(self) -> Path:
+        return self.out / "replays"
 
-    fresh: dict[str, np.ndarray] = {}  # probe replays of the noise choice, by cache key: reused, never redone
+    @property
+    def samples(self) -> Path:
+        return Path(self.plan.job_dir) / "samples"
 
-    def keep_probe(item: ReplayItem, algorithm: str, replay) -> None:
-        fresh[replay.key] = replay.pixels
-        save_png_atomic(replays_dir / f"{Path(item.file).stem}-{replay.key[:16]}.png", replay.pixels)
+    @property
+    def plain(self) -> bool:
+        """Replays of the previews themselves (not the server's rendering, not images made elsewhere)."""
+        return self.options.pipeline == "aitoolkit" and not self.options.images_dir
 
-    def cached_pixels(item: ReplayItem, key: str) -> np.ndarray | None:
+    def say(self, text: str) -> None:
+        if self.progress:
+            self.progress(text)
+
+    def score_of(self, item: ReplayItem, pixels: np.ndarray):
+        return score_replay(self.samples / item.file, pixels, self.options.thresholds)
+
+    def png(self, item: ReplayItem, key: str) -> Path:
+        return self.replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+
+    def keep_probe(self, item: ReplayItem, algorithm: str | None, replay) -> None:
+        self.fresh[replay.key] = replay.pixels
+        save_png_atomic(self.png(item, replay.key), replay.pixels)
+
+    def cached_pixels(self, item: ReplayItem, key: str) -> np.ndarray | None:
         """A probe's pixels from this run's replays or the replay cache: the choices replay nothing twice."""
-        if key in fresh:
-            return fresh[key]
-        png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
-        if options.use_cache and png.is_file():
+        if key in self.fresh:
+            return self.fresh[key]
+        png = self.png(item, key)
+        if self.options.use_cache and png.is_file():
             return np.array(Image.open(png).convert("RGB"))
         return None
 
-    def merged(scores: dict) -> dict:
-        return {name: values for part in dist.all_gather(scores) for name, values in part.items()}
+    def merged(self, scores: dict) -> dict:
+        return {name: values for part in self.dist.all_gather(scores) for name, values in part.items()}
 
-    replayable = [i for i in items if i.replayable]
-    fast_drift = None
-    plain = options.pipeline == "aitoolkit" and not options.images_dir
-    if replayable:
-        replayer.load()
-        clock.mark("load", load_detail(replayer.load_timings))
-        if progress:
-            progress("choosing the noise algorithm")
-        replayer.choose_noise_algorithm(score_of, part=(dist.rank, dist.world), gather=merged if dist.world > 1 else None,
-                                        on_replay=keep_probe if plain else None,
-                                        clear_ssim=options.thresholds.drift_min_ssim,
-                                        lookup=cached_pixels if plain else None)
-        clock.mark("noise choice")
-        if plain:
-            if progress:
-                progress("choosing the kernels")
-            # When this run checks no step-0 preview (--steps latest, say), the choice replays a few only: their
-            # replays serve the choice alone.
-            checks_step0 = any(i.step == 0 and i.replayable for i in items)
-            replayer.choose_kernels(score_of, part=(dist.rank, dist.world),
-                                    gather=merged if dist.world > 1 else None, on_replay=keep_probe,
-                                    lookup=cached_pixels, max_probes=None if checks_step0 else KERNEL_PROBES_UNCHECKED)
-            clock.mark("kernel choice")
-        if dist.is_main and options.replay.fast:
-            if progress:
-                progress("measuring --fast against exact mode")
-            fast_drift = replayer.fast_drift(replayer.step0_probes()[:1])
+
+def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[str], None] | None = None):
+    """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
+    run = start(job_dir, options, progress)  # 1. plan and this run's folders
+    calibrate(run)  # 2. the noise draw and kernels that reproduce the step-0 previews
+    mine = shard(run)  # 3. this rank's share of the previews
+    by_index = replay_and_score(run, mine)  # 4. replay (or reuse) and score each one
+    results = [by_index[i] for i in sorted(by_index)]
+    step0 = apply_noise_floor(run, results)  # 5. step-0 drift: hardware, not the LoRA
+    diagnose_all(run, results, step0)  # 6. name the cause of each mismatch by experiment
+    results = gather(run, by_index, results)  # 7. rank 0 collects every rank's results
+    return build_report(run, results)  # 8. the report (written by the caller)
+
+
+def start(job_dir: str | Path, options: CheckOptions, progress) -> CheckRun:
+    dist = distributed.current()
+    clock = PhaseClock(dist.rank)
+    plan = build_plan(job_dir, options.assets_dir)
+    if options.pipeline == "server" and plan.family.server_profile is None:
+        raise InputError(None, f"--pipeline server: parity has no inference-server profile for {plan.family.label} "
+                         "jobs yet (use --images DIR to score the server's own outputs)")
+    out = Path(options.out_dir).resolve()
+    guard_out_dir(out, Path(plan.job_dir).resolve())
+    job = read_job_folder(plan.job_dir)
+    run = CheckRun(options, plan, select_items(plan, options.steps), out, Replayer(plan, options.replay), job,
+                   LintContext(job=job, base_model=options.replay.base_model), dist, clock, progress)
+    clock.mark("plan")
+    return run
+
+
+def calibrate(run: CheckRun) -> None:
+    """Load the base model, choose the noise draw and (on CUDA) the kernels from the step-0 previews, and with
+    ``--fast`` measure it against exact mode. Nothing to do when no preview can be replayed."""
+    if not any(i.replayable for i in run.items):
+        return
+    replayer, options, dist = run.replayer, run.options, run.dist
+    replayer.load()
+    run.clock.mark("load", load_detail(replayer.load_timings))
+    run.say("choosing the noise algorithm")
+    gather = run.merged if dist.world > 1 else None
+    replayer.choose_noise_algorithm(run.score_of, part=(dist.rank, dist.world), gather=gather,
+                                    on_replay=run.keep_probe if run.plain else None,
+                                    clear_ssim=options.thresholds.drift_min_ssim,
+                                    lookup=run.cached_pixels if run.plain else None)
+    run.clock.mark("noise choice")
+    if run.plain:
+        run.say("choosing the kernels")
+        # A run that checks no step-0 preview (--steps latest, say) replays a few only: they serve the choice alone.
+        checks_step0 = any(i.step == 0 and i.replayable for i in run.items)
+        replayer.choose_kernels(run.score_of, part=(dist.rank, dist.world), gather=gather,
+                                on_replay=run.keep_probe, lookup=run.cached_pixels,
+                                max_probes=None if checks_step0 else KERNEL_PROBES_UNCHECKED)
+        run.clock.mark("kernel choice")
+    if dist.is_main and options.replay.fast:
+        run.say("measuring --fast against exact mode")
+        run.fast_drift = replayer.fast_drift(replayer.step0_probes()[:1])
+
+
+def shard(run: CheckRun) -> set[int]:
+    """This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones),
+    balanced by the work left: a replay already in the cache costs nothing."""
+    items, dist = run.items, run.dist
 
     def in_cache(item: ReplayItem) -> bool:
-        """Whether a step-0 base-model preview's replay is in the replay cache already (replayed with the chosen
-        draw and kernels while choosing them, or by an earlier run). The same on every rank: the choices end in
-        an exchange, and the cache is shared. Later rounds are not looked up: their key needs their LoRA merged."""
-        if not (plain and options.use_cache and item.step == 0 and item.weights == "base"):
+        # A step-0 base-model preview replayed while choosing the draw and kernels, or by an earlier run. The same
+        # on every rank (the choices end in an exchange, the cache is shared). Later rounds are not looked up:
+        # their key needs their LoRA merged.
+        if not (run.plain and run.options.use_cache and item.step == 0 and item.weights == "base"):
             return False
-        key, _ = replayer.prepare(item)
-        return (replays_dir / f"{Path(item.file).stem}-{key[:16]}.png").is_file()
+        return run.png(item, run.replayer.prepare(item)[0]).is_file()
 
-    # This rank's previews: a contiguous share of the replayable ones (rank 0 also takes the unreplayable ones),
-    # balanced by the work left: a replay already in the cache costs nothing.
     replay_indices = [i for i, item in enumerate(items) if item.replayable]
     costs = [0.0 if in_cache(items[i]) else distributed.replay_cost(items[i]) for i in replay_indices]
     shares = distributed.shard(costs, dist.world)
     mine = {replay_indices[j] for j in shares[dist.rank]}
     if dist.is_main:
         mine |= {i for i, item in enumerate(items) if not item.replayable}
+    return mine
 
-    def finish(item, causes, preview_path, info, png, get_pixels, save: bool) -> PreviewResult:
-        """Pixels -> PNG (when new) -> score -> result; runs on the worker thread, overlapping the next replay."""
-        try:
-            pixels = get_pixels()
-            if save:
-                save_png_atomic(png, pixels)
-            score = score_replay(preview_path, pixels, options.thresholds)
-        except InputError:
-            raise
-        except Exception as exc:
-            return PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
-                                 causes=causes, preview_path=preview_path, error=f"{type(exc).__name__}: {exc}")
-        return with_card(scored_result(item, causes, preview_path, info, png, score), out)
 
+def replay_and_score(run: CheckRun, mine: set[int]) -> dict[int, PreviewResult]:
+    """Replay this rank's previews in plan order; each one's decode, PNG and score finish on a worker thread while
+    the next replay runs. A crash in one replay is that preview's ERROR, not the run's end."""
     by_index: dict[int, PreviewResult] = {}
     finishing: list[tuple[int, Future]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-finish") as worker:
-        for index, item in enumerate(items):
+        for index, item in enumerate(run.items):
             if index not in mine:
                 continue
-            preview_path = samples / item.file
-            causes = item_causes(plan, item, lint)
+            causes = item_causes(run.plan, item, run.lint)
             if not item.replayable:
-                by_index[index] = PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), False,
-                                                item.reason, causes=causes, preview_path=preview_path)
+                by_index[index] = unscored(run, item, causes, item.reason)
                 continue
-            if progress:
-                progress(item.file)
-            external = find_external_image(options.images_dir, item.file) if options.images_dir else None
-            if options.images_dir and external is None:
-                by_index[index] = PreviewResult(
-                    item.file, item.step, item.prompt_index, settings_of(item), False,
-                    f"no image named like {Path(item.file).stem} in {options.images_dir}",
-                    causes=causes, preview_path=preview_path)
-                continue
+            run.say(item.file)
             try:
-                if external is not None:
-                    _, info = replayer.prepare(item)
-                    score = score_replay(preview_path, load_rgb(external), options.thresholds)
-                    by_index[index] = with_card(scored_result(item, causes, preview_path, info, external, score), out)
-                elif options.pipeline == "server":
-                    score, png, info, departures = serve(replayer, plan, job, item, preview_path, replays_dir, options)
-                    by_index[index] = with_card(
-                        scored_result(item, departures + causes, preview_path, info, png, score), out)
-                else:
-                    key, info = replayer.prepare(item)
-                    png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
-                    if key in fresh:
-                        get, save = (lambda k=key: fresh.pop(k)), False
-                    elif options.use_cache and png.is_file():
-                        get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
-                    else:  # queue the replay; its decode, PNG and score finish while the next one runs
-                        get, save = replayer.replay(item, deferred=True).wait, True
-                    finishing.append((index, worker.submit(finish, item, causes, preview_path, info, png, get, save)))
+                done = replay_one(run, item, causes, worker)
             except InputError:
                 raise
-            except Exception as exc:  # a crash in one replay is reported, not fatal to the run
-                by_index[index] = PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), True, "",
-                                                causes=causes, preview_path=preview_path,
-                                                error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                done = unscored(run, item, causes, "", error=f"{type(exc).__name__}: {exc}")
+            if isinstance(done, Future):
+                finishing.append((index, done))
+            else:
+                by_index[index] = done
         for index, future in finishing:
             by_index[index] = future.result()
-    clock.mark(f"replays ({len(finishing)} new or cached)")
+    run.clock.mark(f"replays ({len(finishing)} new or cached)")
+    return by_index
 
-    # The noise floor and "does this machine replay step 0 exactly" come from every rank's step-0 results.
-    step0 = [r for part in dist.all_gather([r for r in by_index.values() if r.step == 0]) for r in part]
-    results = [by_index[i] for i in sorted(by_index)]
-    clock.mark("step-0 exchange")
 
-    floor = noise_floor(step0) if options.pipeline == "aitoolkit" else None
+def unscored(run: CheckRun, item: ReplayItem, causes, reason: str, error: str | None = None) -> PreviewResult:
+    return PreviewResult(item.file, item.step, item.prompt_index, settings_of(item), error is not None, reason,
+                         causes=causes, preview_path=run.samples / item.file, error=error)
+
+
+def replay_one(run: CheckRun, item: ReplayItem, causes, worker) -> PreviewResult | Future:
+    """One preview: an outside image scored, the server's rendering, or our replay (queued on ``worker``)."""
+    options, replayer = run.options, run.replayer
+    preview_path = run.samples / item.file
+    if options.images_dir:
+        external = find_external_image(options.images_dir, item.file)
+        if external is None:
+            return unscored(run, item, causes, f"no image named like {Path(item.file).stem} in {options.images_dir}")
+        _, info = replayer.prepare(item)
+        score = score_replay(preview_path, load_rgb(external), options.thresholds)
+        return with_card(scored_result(item, causes, preview_path, info, external, score), run.out)
+    if options.pipeline == "server":
+        score, png, info, departures = serve(replayer, run.plan, run.job, item, preview_path, run.replays_dir,
+                                             options)
+        return with_card(scored_result(item, departures + causes, preview_path, info, png, score), run.out)
+    key, info = replayer.prepare(item)
+    png = run.png(item, key)
+    if key in run.fresh:
+        get, save = (lambda k=key: run.fresh.pop(k)), False
+    elif options.use_cache and png.is_file():
+        get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
+    else:  # queue the replay; its decode, PNG and score finish while the next one runs
+        get, save = replayer.replay(item, deferred=True).wait, True
+    return worker.submit(finish, run, item, causes, info, png, get, save)
+
+
+def finish(run: CheckRun, item, causes, info, png, get_pixels, save: bool) -> PreviewResult:
+    """Pixels -> PNG (when new) -> score -> result; runs on the worker thread, overlapping the next replay."""
+    preview_path = run.samples / item.file
+    try:
+        pixels = get_pixels()
+        if save:
+            save_png_atomic(png, pixels)
+        score = score_replay(preview_path, pixels, run.options.thresholds)
+    except InputError:
+        raise
+    except Exception as exc:
+        return unscored(run, item, causes, "", error=f"{type(exc).__name__}: {exc}")
+    return with_card(scored_result(item, causes, preview_path, info, png, score), run.out)
+
+
+def apply_noise_floor(run: CheckRun, results: list[PreviewResult]) -> list[PreviewResult]:
+    """The noise floor and "does this machine replay step 0 exactly" come from every rank's step-0 results."""
+    step0 = [r for part in run.dist.all_gather([r for r in results if r.step == 0]) for r in part]
+    run.clock.mark("step-0 exchange")
+    floor = noise_floor(step0) if run.options.pipeline == "aitoolkit" else None
     if floor is not None:
         for result in results:
             if result.score is not None and (cause := floor_cause(result, floor)) is not None:
                 result.causes.append(cause)
+    return step0
+
+
+def diagnose_all(run: CheckRun, results: list[PreviewResult], step0: list[PreviewResult]) -> None:
+    """Flip knobs for every preview that does not pass (``parity.diagnose``), then rank each one's causes."""
+    options = run.options
     if options.diagnose and options.pipeline == "aitoolkit":
-        by_file = {item.file: item for item in items}
+        by_file = {item.file: item for item in run.items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
-        base_exact = any(r.step == 0 and r.score is not None and r.score.verdict.value == "EXACT" for r in step0)
+        base_exact = any(r.step == 0 and r.score is not None and r.score.verdict == Verdict.EXACT for r in step0)
         stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
         for result in results:
-            if not needs_diagnosis(result, stop_at):
-                continue
-            if progress:
-                progress(f"diagnosing {result.preview_file}")
-            target, baseline = result.preview_path, result.score.metrics.ssim
-            if options.images_dir:
-                # An outside image: find which knob makes our replay reproduce IT (the tool's departure).
-                target = result.replay_png
-                own = replayer.replay(by_file[result.preview_file]).pixels
-                baseline = score_replay(target, own, options.thresholds).metrics.ssim
-            # A preview file re-saved, a swapped checkpoint or keys that load nowhere already explain the
-            # mismatch: try only the first (cheapest) flips, e.g. the preview's own size.
-            explained = any(c.code in EXPLAINED_BY_FILES and c.severity != "info" for c in result.causes)
-            budget = min(options.diagnose_budget, 4) if explained else options.diagnose_budget
-            if result.score.verdict.value == "PASS":  # a near miss: weights, templates, negatives, not seeds
-                budget = min(budget, 24)
-            diagnosed, _ = bisect(replayer, plan, job, by_file[result.preview_file], target,
-                                  baseline, options.thresholds, budget, stop_at,
-                                  target_name="the outside image" if options.images_dir else "the preview")
-            if result.score.verdict.value == "PASS":  # a near miss: keep what explains it, not the LoRA note
-                diagnosed = [c for c in diagnosed if c.code != "lora_effect"]
-                if not diagnosed:
-                    diagnosed = [kernel_residual_cause(result, replayer)]
-            keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
-            rest = [c for c in result.causes if c.code != "lora_keys_unmatched"]
-            result.causes = keys + diagnosed + rest
+            if needs_diagnosis(result, stop_at):
+                run.say(f"diagnosing {result.preview_file}")
+                diagnose_one(run, result, by_file[result.preview_file], stop_at)
     for result in results:
         result.causes = rank(result.causes)
+    run.clock.mark("diagnosis")
 
-    clock.mark("diagnosis")
-    # Rank 0 gathers every rank's results, in plan order; the other ranks report their own share.
-    if dist.world > 1:
-        gathered = dist.gather(sorted(zip(sorted(by_index), results, strict=True), key=lambda pair: pair[0]))
+
+def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, stop_at: str) -> None:
+    options, replayer = run.options, run.replayer
+    target, baseline = result.preview_path, result.score.metrics.ssim
+    if options.images_dir:
+        # An outside image: find which knob makes our replay reproduce IT (the tool's departure).
+        target = result.replay_png
+        baseline = score_replay(target, replayer.replay(item).pixels, options.thresholds).metrics.ssim
+    # A preview file re-saved, a swapped checkpoint or keys that load nowhere already explain the mismatch: try
+    # only the first (cheapest) flips, e.g. the preview's own size.
+    explained = any(c.code in EXPLAINED_BY_FILES and c.severity != "info" for c in result.causes)
+    budget = min(options.diagnose_budget, 4) if explained else options.diagnose_budget
+    near_miss = result.score.verdict == Verdict.PASS
+    if near_miss:  # weights, templates, negatives, not seeds
+        budget = min(budget, 24)
+    diagnosed, _ = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget, stop_at,
+                          target_name="the outside image" if options.images_dir else "the preview")
+    if near_miss:  # keep what explains it, not the LoRA note
+        diagnosed = [c for c in diagnosed if c.code != "lora_effect"] or [kernel_residual_cause(result, replayer)]
+    keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
+    rest = [c for c in result.causes if c.code != "lora_keys_unmatched"]
+    result.causes = keys + diagnosed + rest
+
+
+def gather(run: CheckRun, by_index: dict[int, PreviewResult], results: list[PreviewResult]) -> list[PreviewResult]:
+    """Rank 0 gathers every rank's results, in plan order; the other ranks report their own share."""
+    if run.dist.world > 1:
+        pairs = sorted(zip(sorted(by_index), results, strict=True), key=lambda pair: pair[0])
+        gathered = run.dist.gather(pairs)
         if gathered is not None:
             results = [r for _, r in sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])]
-    clock.mark("gather")
+    run.clock.mark("gather")
+    return results
+
+
+def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
+    options, replayer, plan = run.options, run.replayer, run.plan
     warnings = list(plan.warnings)
-    profile = PIPELINE_PROFILES[options.pipeline]
+    family = plan.family
+    profile = f"aitoolkit-{family.name}-preview"
+    if options.pipeline == "server":
+        profile = family.server_profile or f"server-{family.name}"
     if options.replay.fast:
         profile += " (--fast)"
         warnings.insert(0, FAST_WARNING)
@@ -308,21 +383,15 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         pipeline_profile=profile,
         noise_algorithm=replayer.noise_algorithm,
         noise_algorithm_reason=replayer.noise_reason,
-        kernels=kernel_profile_name(),
+        kernels=replayer.kernels,
         kernels_reason=replayer.kernel_reason,
         kernel_trials=replayer.kernel_trials,
-        fast_drift=fast_drift,
+        fast_drift=run.fast_drift,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,
         warnings=warnings,
     )
-
-
-def kernel_profile_name() -> str:
-    from pipelines.omnigen2 import kernels
-
-    return kernels.kernel_profile()
 
 
 class PhaseClock:
@@ -381,7 +450,7 @@ def scored_result(item, causes, preview_path, info, png, score) -> PreviewResult
     """A scored preview's result, with the residual the files predict and unmatched LoRA keys among its causes."""
     causes = list(causes)
     settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
-    if info["residuals"] and score.verdict.value != "EXACT":
+    if info["residuals"] and score.verdict != Verdict.EXACT:
         causes.append(Cause(
             "predicted_residual", "info",
             "expected residual: " + ", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),

@@ -189,7 +189,7 @@ def check_command(
 
     Under ``torchrun --nproc-per-node N`` the replays are shared between N processes (one GPU each) and rank 0
     writes the report."""
-    from pipelines.omnigen2.cpu_profile import apply_cpu_profile
+    from pipelines.common.cpu_profile import apply_cpu_profile
 
     if fail_on not in ("fail", "drift"):
         raise InputError(None, f"--fail-on must be fail or drift, got {fail_on!r}")
@@ -232,7 +232,7 @@ def check_command(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
                              lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
                              kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
-                             cuda_graphs=cuda_graphs),
+                             cuda_graphs=cuda_graphs, cpu_profile=cpu_profile),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
         use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
     )
@@ -282,7 +282,7 @@ def _write_reports_and_exit(report, out: Path) -> None:
 
 
 def _check_noise_name(noise: str) -> None:
-    from pipelines.omnigen2.noise import ALGORITHMS
+    from pipelines.common.noise import ALGORITHMS
 
     if noise != "auto" and noise not in ALGORITHMS:
         raise InputError(None, f"--noise must be auto or one of {', '.join(ALGORITHMS)}, got {noise!r}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parity.jobfolder import JobFolder
-from parity.plan import ReplayItem, ReplayPlan, generation_size
+from parity.plan import ReplayItem, ReplayPlan
 from parity.replay import NOISE_CANDIDATES, Knobs, Replayer
 from parity.results import Cause
 from parity.scores import Thresholds, load_rgb, score_replay
@@ -46,11 +46,11 @@ class FlipResult:
     exact: bool
 
 
-def replace(item: ReplayItem, **changes) -> ReplayItem:
-    """A copy of ``item`` with ``changes``; a new size recomputes the generation size."""
+def replace(plan: ReplayPlan, item: ReplayItem, **changes) -> ReplayItem:
+    """A copy of ``item`` with ``changes``; a new size recomputes the generation size (the family's rule)."""
     if "width" in changes or "height" in changes:
         w, h = changes.get("width", item.width), changes.get("height", item.height)
-        changes["gen_width"], changes["gen_height"] = generation_size(w, h)
+        changes["gen_width"], changes["gen_height"] = plan.generation_size(w, h)
     return dataclasses.replace(item, **changes)
 
 
@@ -72,61 +72,74 @@ def trigger_candidates(job: JobFolder, plan: ReplayPlan) -> list[str]:
 def candidate_flips(plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_size: tuple[int, int],
                     algorithm: str) -> list[Flip]:
     """Every single-knob change worth trying for ``item``, cheapest and likeliest first."""
-    flips: list[Flip] = []
     others = [i for i in plan.items if i is not item]
+    return (_size_and_weight_flips(plan, job, item, preview_size) + _prompt_flips(plan, job, item, others)
+            + _seed_flips(plan, job, item, others) + _sampling_flips(plan, item)
+            + _machine_flips(plan, item, algorithm))
+
+
+def _size_and_weight_flips(plan, job, item, preview_size) -> list[Flip]:
+    flips: list[Flip] = []
     # 1. The preview file's own size: a config edited after training replays at the wrong size.
-    if preview_size != (item.width, item.height):
+    if preview_size != plan.saved_size(item):
         w, h = preview_size
         flips.append(Flip("size_changed", f"size {w}x{h} (the preview file's) instead of {item.width}x{item.height}",
-                          replace(item, width=w, height=h),
+                          replace(plan, item, width=w, height=h),
                           title=f"the config's size {item.width}x{item.height} is not the preview's {w}x{h}",
                           fix="Restore the sample size the previews were made with (the preview files show it)."))
-    # 2. The LoRA's effect and the chat template.
+    # 2. The LoRA's effect and the family's own ways to get a preview wrong (e.g. OmniGen2's chat template).
     if item.weights != "base":
         flips.append(Flip("lora_off", "without the LoRA", item, Knobs(lora=False),
                           title="the preview matches the base model without the LoRA",
                           fix="The LoRA had no visible effect when the preview was made; check training, not inference."))
-    flips.append(Flip("negative_template_once", "negative templated once", item, Knobs(negative_template_passes=1),
-                      title="the negative prompt was templated once, not twice",
-                      fix="Apply OmniGen2's chat template to the negative prompt twice, as ai-toolkit does."))
-    flips.append(Flip("prompt_template_once", "prompt templated once", item, Knobs(prompt_template_passes=1),
-                      title="the prompt was templated once, not twice",
-                      fix="Apply OmniGen2's chat template twice (the wrapper and encode_prompt both apply it)."))
+    for knob in plan.family.knob_flips(item, plan.model_flags):
+        flips.append(Flip(knob.code, knob.label, item, Knobs(options=knob.options), title=knob.title, fix=knob.fix))
     # 3. Which checkpoint.
     for checkpoint in job.checkpoints:
         if checkpoint.file != item.checkpoint and item.weights != "base":
             flips.append(Flip("checkpoint_mismatch", f"checkpoint {checkpoint.file} instead of {item.checkpoint}",
-                              replace(item, checkpoint=checkpoint.file, weights="checkpoint"),
+                              replace(plan, item, checkpoint=checkpoint.file, weights="checkpoint"),
                               title=f"the preview was made with other weights than {item.checkpoint}",
                               fix="Pair each preview with the checkpoint of its step (step N <-> <name>_N)."))
     # 4. Multiplier.
     for m in (1.0, 0.5, 1.5, 0.75, 1.25, 2.0, 0.0):
         if item.weights != "base" and item.network_multiplier is not None and m != item.network_multiplier:
             flips.append(Flip("multiplier_changed", f"multiplier {m:g} instead of {item.network_multiplier:g}",
-                              replace(item, network_multiplier=m),
+                              replace(plan, item, network_multiplier=m),
                               title=f"the preview used LoRA multiplier {m:g}",
                               fix="Use the network_multiplier the previews were made with."))
+    return flips
+
+def _prompt_flips(plan, job, item, others) -> list[Flip]:
+    flips: list[Flip] = []
     # 5. Trigger word.
     for word in trigger_candidates(job, plan):
         if plan.trigger_word and plan.trigger_word in (item.prompt or "") and word != plan.trigger_word:
             flips.append(Flip("trigger_word_changed", f"trigger word {word!r} instead of {plan.trigger_word!r}",
-                              replace(item, prompt=item.prompt.replace(plan.trigger_word, word)),
+                              replace(plan, item, prompt=item.prompt.replace(plan.trigger_word, word)),
                               title=f"the preview's prompt had the trigger word {word!r}",
                               fix=f"Use the trigger word the LoRA was trained with ({word!r})."))
     # 6. Negative prompt.
     negatives = {""} | {o.negative_prompt for o in others if isinstance(o.negative_prompt, str)}
+    if not plan.family.rules.uses_negative(item.guidance_scale, plan.model_flags):
+        negatives = set()  # the negative never reaches this preview's picture (FLUX.1 without true CFG)
     for negative in sorted(negatives - {item.negative_prompt}):
         flips.append(Flip("negative_changed", f"negative {negative!r} instead of {item.negative_prompt!r}",
-                          replace(item, negative_prompt=negative),
+                          replace(plan, item, negative_prompt=negative),
                           title=f"the preview used the negative prompt {negative!r}",
                           fix="Use the negative prompt the previews were made with."))
+    return flips
+
+
+def _seed_flips(plan, job, item, others) -> list[Flip]:
+    flips: list[Flip] = []
     # 7. Seed: walk_seed toggled (the prompt index added or taken away), neighbours, common defaults.
     if item.seed is not None and item.prompt_index > 0:
         walked = item.seed - item.prompt_index if job.sample.walk_seed else item.seed + item.prompt_index
         if walked >= 0:
             flips.append(Flip("walk_seed_changed",
                               f"seed {walked} (walk_seed {'off' if job.sample.walk_seed else 'on'})",
-                              replace(item, seed=walked),
+                              replace(plan, item, seed=walked),
                               title=f"walk_seed was {'off' if job.sample.walk_seed else 'on'} when the previews were made",
                               fix="Restore sample.walk_seed: with it each prompt's seed is the section seed + its index."))
     seeds: list[int] = []
@@ -135,25 +148,35 @@ def candidate_flips(plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_
         seeds += [item.seed + k for k in range(-n, n + 1) if k]
     seeds += [42 + item.prompt_index, 42, 0, item.prompt_index] + [o.seed for o in others if o.seed is not None]
     for seed in dict.fromkeys(s for s in seeds if s is not None and s >= 0 and s != item.seed):
-        flips.append(Flip("seed_changed", f"seed {seed} instead of {item.seed}", replace(item, seed=seed),
+        flips.append(Flip("seed_changed", f"seed {seed} instead of {item.seed}", replace(plan, item, seed=seed),
                           title=f"the preview was made with seed {seed}",
                           fix="Use the seed the previews were made with (walk_seed adds the prompt index)."))
+    return flips
+
+
+def _sampling_flips(plan, item) -> list[Flip]:
+    flips: list[Flip] = []
     # 8. Guidance and steps.
     guidances = sorted(set(GUIDANCE_VALUES + tuple(item.guidance_scale + d for d in (-1, -0.5, 0.5, 1))),
                        key=lambda g: abs(g - item.guidance_scale))
     for g in guidances:
         if item.guidance_scale is not None and g > 0 and abs(g - item.guidance_scale) > 1e-9:
             flips.append(Flip("guidance_changed", f"guidance {g:g} instead of {item.guidance_scale:g}",
-                              replace(item, guidance_scale=float(g)),
+                              replace(plan, item, guidance_scale=float(g)),
                               title=f"the preview used guidance {g:g}",
                               fix="Use the guidance_scale the previews were made with."))
     steps = [item.num_inference_steps + d for d in (-1, 1, -2, 2, -3, 3, 4, 6)] + list(STEP_VALUES)
     for s in dict.fromkeys(steps):
         if s >= 1 and s != item.num_inference_steps:
             flips.append(Flip("steps_changed", f"{s} steps instead of {item.num_inference_steps}",
-                              replace(item, num_inference_steps=s),
+                              replace(plan, item, num_inference_steps=s),
                               title=f"the preview used {s} sampling steps",
                               fix="Use the sample_steps the previews were made with."))
+    return flips
+
+
+def _machine_flips(plan, item, algorithm) -> list[Flip]:
+    flips: list[Flip] = []
     # 9. The noise draw, text-encoder quantisation, merge precision.
     for name in NOISE_CANDIDATES:
         if name != algorithm:

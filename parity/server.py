@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from parity.jobfolder import JobFolder
-from parity.plan import ReplayItem, ReplayPlan, generation_size, replace_trigger, split_prompt_flags
+from parity.plan import ReplayItem, ReplayPlan, replace_trigger, split_prompt_flags
 from parity.replay import Knobs, Replayer
 from parity.results import Cause
 from parity.scores import Thresholds, compute_metrics, load_rgb
@@ -110,7 +110,7 @@ def server_request(plan: ReplayPlan, job: JobFolder, item: ReplayItem, request_m
     negative = changes.get("negative_prompt", item.negative_prompt) or ""
     guidance = changes.get("guidance_scale", item.guidance_scale)
     if negative == "" and guidance > 1 and on("server_empty_negative_once"):
-        knobs["empty_negative_template_passes"] = 1
+        knobs["options"] = (("empty_negative_template_passes", 1),)
     if item.weights != "base":
         if on("server_lora_fuse_fp16"):
             knobs["merge_mode"] = "server"
@@ -121,7 +121,7 @@ def server_request(plan: ReplayPlan, job: JobFolder, item: ReplayItem, request_m
         knobs["te_quantized"] = False
     on("server_jpeg_q95")
     if "width" in changes or "height" in changes:
-        changes["gen_width"], changes["gen_height"] = generation_size(width, height)
+        changes["gen_width"], changes["gen_height"] = plan.generation_size(width, height)
     return ServerRequest(dataclasses.replace(item, **changes), Knobs(**knobs), applies)
 
 

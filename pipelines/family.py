@@ -154,9 +154,16 @@ class Family:
     rules: PreviewRules
     load: Callable[[LoadSpec], Session]  # imports torch lazily
     check_model_dir: Callable[[Path], None]  # raises ModelDirError for a folder that is not this family's
-    knob_flips: Callable[[Any], list[KnobFlip]] = lambda item: []  # item: anything with the plan item's fields
+    # (plan item, the job's model flags) -> the family's own ways to get a preview wrong, for diagnosis
+    knob_flips: Callable[[Any, dict], list[KnobFlip]] = lambda item, model_flags: []
     server_profile: str | None = None  # the inference server's pipeline this family is compared with
-    lora_targets: Callable[[Path | None], list[str]] | None = None  # Linear paths, from a model folder or built-in
+    # ``parity lora`` without a session: the transformer on the meta device from a model folder's config (None: the
+    # released model's), and what it was built from, in words
+    skeleton: Callable[[Path | None], tuple[Any, str]] | None = None
+    lora_convert: Callable | None = None  # the family's LoRA key mapping (pipelines.common.lora.read_lora convert)
+    lora_base_versions: tuple[str, ...] = ()  # ss_base_model_version values of LoRAs trained for this family
+    lora_key_hints: tuple[str, ...] = ()  # module-name parts only this family's LoRAs have
+    lora_target_parts: tuple[str, ...] = ()  # parts of the module names ai-toolkit targets by default
 
 
 class ModelDirError(Exception):

@@ -203,7 +203,7 @@ def outside_images(tmp_path: Path, job: str, steps: tuple[int, ...], knobs) -> P
 def test_outside_images_are_scored_and_their_departure_named(tmp_path):
     from parity.replay import Knobs
 
-    images = outside_images(tmp_path, "og2_basic", (0,), Knobs(negative_template_passes=1))
+    images = outside_images(tmp_path, "og2_basic", (0,), Knobs(options=(("negative_template_passes", 1),)))
     options = CheckOptions(replay=ReplayOptions(base_model=str(TINY), noise_algorithm="torch2.13-avx2"),
                            steps="0", out_dir=tmp_path / "out", images_dir=images)
     report = run_check(ORACLE_DIR / "jobs" / "og2_basic", options)

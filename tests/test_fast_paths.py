@@ -41,7 +41,7 @@ def components():
 
 def legacy_pixels(pipe: OmniGen2Pipeline, r: ReplayRequest) -> np.ndarray:
     """The loop before issue 6: two full ``forward`` calls per step, the text length read from the mask each time."""
-    from pipelines.omnigen2 import noise
+    from pipelines.common import noise
 
     c = pipe.c
     gen_w, gen_h = quirks.generation_size(r.width, r.height)
@@ -155,7 +155,7 @@ def test_next_merged_round_swaps_incrementally_to_the_same_weights(monkeypatch):
     bit for bit, as restoring the base and replaying every earlier round."""
     from parity.plan import build_plan
     from parity.replay import Replayer
-    from pipelines.omnigen2.lora import LoraPatcher
+    from pipelines.common.lora import LoraPatcher
 
     plan = build_plan(ORACLE_DIR / "jobs" / "og2_basic")
     items = {step: next(i for i in plan.items if i.step == step) for step in (2, 4, 6)}
@@ -173,7 +173,7 @@ def test_next_merged_round_swaps_incrementally_to_the_same_weights(monkeypatch):
     monkeypatch.undo()
     direct = Replayer(plan, ReplayOptions(base_model=str(TINY)))
     direct.prepare(items[6])
-    a = walked.pipeline.c.transformer.state_dict()
-    b = direct.pipeline.c.transformer.state_dict()
+    a = walked.session.pipeline.c.transformer.state_dict()
+    b = direct.session.pipeline.c.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert walked._patcher.drift()["tensors_changed"] > 0
+    assert walked.session.patcher.drift()["tensors_changed"] > 0

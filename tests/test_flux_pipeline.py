@@ -279,10 +279,8 @@ def test_knob_flips_name_options_the_pipeline_honours(session):
     assert {f.code for f in flips} == {
         "flux_true_cfg_on", "flux_true_cfg_off", "flux_attn_masking_on", "flux_attn_masking_off"
     }
-    class Item:
-        model_kwargs = {"use_flux_cfg": True}
-
-    assert [f.code for f in knob_flips(Item())] == ["flux_true_cfg_off", "flux_attn_masking_on"]
+    flags = {"use_flux_cfg": True, "attn_masking": False}
+    assert [f.code for f in knob_flips(object(), flags)] == ["flux_true_cfg_off", "flux_attn_masking_on"]
     session.set_weights(WeightState())
     row = rows("flux_basic")[0]
     base = session.render(request_for(row)).wait()

@@ -12,7 +12,6 @@ import pytest
 from fixtures import ORACLE_DIR
 from parity.plan import build_plan
 from parity.replay import Replay, Replayer, ReplayOptions
-from pipelines.omnigen2 import kernels, triton_norm
 
 CANDIDATES = ["triton:16", "torch", "triton:8", "triton:4"]
 
@@ -21,12 +20,11 @@ CANDIDATES = ["triton:16", "torch", "triton:8", "triton:4"]
 def fake_kernels(monkeypatch):
     """Kernel profiles per thread (each thread plays one rank), the search's inputs fixed."""
     local = threading.local()
-    monkeypatch.setattr(kernels, "set_kernel_profile", lambda spec: setattr(local, "spec", spec))
-    monkeypatch.setattr(kernels, "kernel_profile", lambda: getattr(local, "spec", "torch"))
-    monkeypatch.setattr(kernels, "kernel_candidates", lambda widths, budget: list(CANDIDATES))
-    monkeypatch.setattr(triton_norm, "available", lambda: None)
+    monkeypatch.setattr(Replayer, "set_kernels", lambda self, spec: setattr(local, "spec", spec))
+    monkeypatch.setattr(Replayer, "kernels", property(lambda self: getattr(local, "spec", "torch")))
+    monkeypatch.setattr(Replayer, "kernel_candidates", lambda self: list(CANDIDATES))
     monkeypatch.setattr(Replayer, "load", lambda self: None)
-    monkeypatch.setattr(Replayer, "block_norm_widths", lambda self: [72])
+    return local
 
 
 def replayer(log: list) -> Replayer:
@@ -34,8 +32,8 @@ def replayer(log: list) -> Replayer:
     r = Replayer(plan, ReplayOptions(base_model="unused", device="cuda", noise_algorithm="torch2.13-avx2"))
 
     def replay(item, algorithm=None, **kwargs):
-        log.append((kernels.kernel_profile(), item.prompt_index))
-        return Replay((kernels.kernel_profile(), item.prompt_index), "key", "base", [])
+        log.append((r.kernels, item.prompt_index))
+        return Replay((r.kernels, item.prompt_index), "key", "base", [])
 
     r.replay = replay
     return r
@@ -112,7 +110,7 @@ def test_torchrun_ranks_check_the_cached_likeliest_set_first(fake_kernels, run_r
 
     def work(rank, gather):
         r = replayer(logs[rank])
-        r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}-{kernels.kernel_profile()}",
+        r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}-{r.kernels}",
                                                   {"weights": "base", "residuals": [], "lora_problem": None})
         cache = {"k0-triton:16": ("triton:16", 0)}  # the noise choice's replay of the first preview
         chosen = r.choose_kernels(scorer(made_with(made)), part=(rank, world), gather=gather,

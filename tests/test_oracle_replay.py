@@ -120,7 +120,7 @@ def test_merge_history_reproduces_recorded_base_drift():
     replayer.load()
     run_info = json.loads((ORACLE_DIR / "ground_truth" / "og2_basic" / "run_info.json").read_text())
     recorded = {c["step"]: c["base_weights_drift_vs_pristine_after"] for c in run_info["sample_calls"]}
-    patcher = replayer._patcher
+    patcher = replayer.session.patcher
     loras = in_memory("og2_basic")
     for upto in (2, 4):
         patcher.restore()

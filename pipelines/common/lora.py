@@ -347,3 +347,43 @@ def _side_branch(module: LoraModule, multiplier: float, device: torch.device):
 
     return hook
 
+
+
+class WeightManager:
+    """Puts a transformer in one :class:`pipelines.family.WeightState` after another, the base restored bit for
+    bit in between: the state-machine every family's session uses.
+
+    ``read`` parses a LoRA file for this transformer (the family's key mapping). The next merged round after the
+    one in place is reached by that round's merge-out (exactly the newest round of the new history: same LoRA,
+    same multiplier, same base) and the new merge, instead of a restore and every earlier round again.
+    """
+
+    def __init__(self, patcher: LoraPatcher, read: Callable[[Path], LoraFile]):
+        self.patcher = patcher
+        self.read = read
+        self.state = None
+
+    def apply(self, state) -> None:
+        """Make ``state`` (a ``WeightState``) the transformer's; nothing to do when it already is."""
+        if state == self.state:
+            return
+        previous, patcher = self.state, self.patcher
+        if (previous is not None and previous.mode == "merged" and previous.lora is not None
+                and state.mode == "merged" and state.history[:-1] == previous.history
+                and state.history[-1:] == ((previous.lora, previous.multiplier),)):
+            patcher.merge_out(self.read(previous.lora), previous.multiplier)
+        else:
+            patcher.restore()
+            for path, multiplier in state.history:
+                patcher.replay_merge_history([(self.read(path), multiplier)])
+        if state.lora is not None:
+            lora = self.read(state.lora)
+            if state.mode == "server":
+                patcher.merge_like_server(lora, state.multiplier)
+            elif state.mode == "merged":
+                patcher.merge(lora, state.multiplier)
+            elif state.mode == "hooks":
+                patcher.attach(lora, state.multiplier)
+            else:
+                raise ValueError(f"unknown weight mode {state.mode!r}: merged, hooks or server")
+        self.state = state

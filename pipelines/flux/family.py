@@ -73,13 +73,13 @@ def check_model_dir(root: Path) -> None:
             raise ModelDirError(root / sub, "empty tokenizer folder")
 
 
-def knob_flips(item: Any) -> list[KnobFlip]:
+def knob_flips(item: Any, model_flags: dict | None = None) -> list[KnobFlip]:
     """FLUX.1 settings a preview may have been made with that the job's config does not say plainly.
 
-    ``item`` may carry ``model_kwargs`` (the job's model: section); then only the opposite of each setting is
+    With ``model_flags`` (the job's model: flags, ``ReplayPlan.model_flags``) only the opposite of each setting is
     offered, else both ways. Options read by the pipeline: ``true_cfg``, ``attn_masking``.
     """
-    model_kwargs = getattr(item, "model_kwargs", None)
+    model_kwargs = model_flags
     flips = []
     for key, on, off in (("use_flux_cfg", _TRUE_CFG_ON, _TRUE_CFG_OFF), ("attn_masking", _MASK_ON, _MASK_OFF)):
         if isinstance(model_kwargs, dict):
@@ -119,9 +119,9 @@ _MASK_OFF = KnobFlip(
 )
 
 
-def lora_targets(root: Path | None) -> list[str]:
-    """Every Linear module path of the FLUX.1 transformer: of ``root``'s config (built on the meta device, no
-    weights read), or of FLUX.1-dev's (19 double + 38 single blocks, 3072 wide) when ``root`` is None."""
+def skeleton(root: Path | None):
+    """The FLUX.1 transformer on the meta device (no weights read), from ``root``'s transformer config or, when
+    ``root`` is None, FLUX.1-dev's (19 double + 38 single blocks, 3072 wide); and what it was built from."""
     config = FLUX1_DEV_CONFIG if root is None else transformer_config(Path(root))
     import torch
     from diffusers import FluxTransformer2DModel
@@ -133,7 +133,22 @@ def lora_targets(root: Path | None) -> list[str]:
     except (TypeError, ValueError) as exc:
         where = "FLUX.1-dev config" if root is None else Path(root) / "transformer" / "config.json"
         raise ModelDirError(where, f"cannot build the transformer ({exc})") from None
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    source = ("the real FLUX.1-dev architecture (black-forest-labs/FLUX.1-dev transformer config)" if root is None
+              else f"base model {root} (transformer config)")
+    return model, source
+
+
+def lora_targets(root: Path | None) -> list[str]:
+    """Every Linear module path of the FLUX.1 transformer (:func:`skeleton`'s)."""
+    import torch
+
+    return [name for name, module in skeleton(root)[0].named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def _convert(tensors):
+    from pipelines.flux.lora_keys import convert
+
+    return convert(tensors)
 
 
 def _load(spec: LoadSpec) -> Session:
@@ -156,5 +171,10 @@ FAMILY = Family(
     check_model_dir=check_model_dir,
     knob_flips=knob_flips,
     server_profile=None,
-    lora_targets=lora_targets,
+    skeleton=skeleton,
+    lora_convert=_convert,
+    lora_base_versions=("flux.1", "flux", "flux.1-dev", "flux.1-schnell", "flux1"),
+    lora_key_hints=("double_blocks", "single_blocks", "single_transformer_blocks", "add_q_proj", "ff_context",
+                    "img_attn", "txt_attn"),
+    lora_target_parts=("transformer_blocks", "single_transformer_blocks"),
 )

@@ -7,13 +7,13 @@ key mapping of ``lora_keys.py``; the base weights come back bit for bit between 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.common.lora import LoraFile, LoraPatcher, linear_modules, match_lora, read_lora
+from pipelines.common.files import model_fingerprint
+from pipelines.common.lora import LoraFile, LoraPatcher, WeightManager, linear_modules, match_lora, read_lora
 from pipelines.family import Done, LoadSpec, Rendered, RenderRequest, WeightState
 from pipelines.flux import lora_keys
 from pipelines.flux.loading import Components, load_components
@@ -21,15 +21,6 @@ from pipelines.flux.pipeline import FluxReplayPipeline
 
 KERNELS = ("torch",)  # PyTorch's own kernels: what ai-toolkit's FLUX.1 path runs on a CPU and on a GPU
 MODES = ("merged", "hooks", "server")
-
-
-def folder_fingerprint(root: Path) -> str:
-    """Identity of a model folder without reading its weights: every file's relative name, size and mtime."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 class FluxSession:
@@ -49,12 +40,13 @@ class FluxSession:
         )
         self.patcher = LoraPatcher(components.transformer)
         self.module_names = list(linear_modules(components.transformer))
-        self.fingerprint = folder_fingerprint(components.root)
+        self.fingerprint = model_fingerprint(Path(components.root))
         self.timings = dict(components.timings)
         self.kernels = "torch"
+        self.kernel_reason = "PyTorch's kernels: ai-toolkit's FLUX.1 path has no kernel of its own"
         self.fast = spec.fast
+        self.weights = WeightManager(self.patcher, self.read_lora)
         self._loras: dict[tuple[str, int, int], LoraFile] = {}
-        self._state = WeightState()  # the pristine base
 
     # ------------------------------------------------------------------------------------------- LoRA files
 
@@ -84,33 +76,7 @@ class FluxSession:
             state = WeightState(state.lora, state.multiplier, "hooks", ())
         elif self.c.quantized:
             state = WeightState()
-        if state == self._state:
-            return
-        if self._next_merged_round(state):
-            # the earlier round's merge-out then this round's merge: the same bits as restoring the base and
-            # replaying every earlier round, without the replay
-            self.patcher.merge_out(self.read_lora(self._state.lora), self._state.multiplier)
-        else:
-            self.patcher.restore()
-            self.patcher.replay_merge_history([(self.read_lora(path), m) for path, m in state.history])
-        if state.lora is not None:
-            lora = self.read_lora(state.lora)
-            if state.mode == "merged":
-                self.patcher.merge(lora, state.multiplier)
-            elif state.mode == "hooks":
-                self.patcher.attach(lora, state.multiplier)
-            else:
-                self.patcher.merge_like_server(lora, state.multiplier)
-        self._state = state
-
-    def _next_merged_round(self, state: WeightState) -> bool:
-        current = self._state
-        return (
-            current.mode == "merged"
-            and state.mode == "merged"
-            and current.lora is not None
-            and state.history == (*current.history, (current.lora, current.multiplier))
-        )
+        self.weights.apply(state)
 
     # ------------------------------------------------------------------------------------------- rendering
 
