@@ -20,7 +20,11 @@ import yaml
 from parity.errors import InputError
 
 TRAINER_TYPES = ("sd_trainer", "ui_trainer", "diffusion_trainer")
-SUPPORTED_ARCHS = ("omnigen2",)
+# ai-toolkit's legacy model flags, read when model.arch is absent (toolkit/config_modules.py ModelConfig), in its order
+LEGACY_ARCH_FLAGS = (("is_v2", "sd2"), ("is_v3", "sd3"), ("is_xl", "sdxl"), ("is_pixart", "pixart"),
+                     ("is_pixart_sigma", "pixart_sigma"), ("is_auraflow", "auraflow"), ("is_flux", "flux"),
+                     ("is_lumina2", "lumina2"), ("is_vega", "vega"), ("is_ssd", "ssd"))
+ARCH_ALIASES = {"flex1": "flux"}  # ModelConfig renames it before anything reads arch
 
 PREVIEW_PATTERN = "<ms>__<step:09d>_<i>.<ext>"
 _PREVIEW_RE = re.compile(r"(?P<ms>\d+)__(?P<step>\d{9,})_(?P<index>\d+)\.(?P<ext>[A-Za-z0-9]+)")
@@ -46,6 +50,8 @@ class ModelSettings:
     layer_offloading: bool  # defaults to the deprecated auto_memory
     accuracy_recovery_adapter: str | None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # sampling flags of the model: section that a family's preview depends on (use_flux_cfg, attn_masking)
+    flags: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -336,15 +342,7 @@ def _training_process(cfg: _Reader, job_config: dict[str, Any]) -> tuple[dict[st
 
 def _model_settings(cfg: _Reader, process: dict[str, Any], where: str, train_dtype: str) -> ModelSettings:
     model = cfg.mapping(process.get("model", {}), f"{where}.model")
-    arch = model.get("arch")
-    supported = ", ".join(SUPPORTED_ARCHS)
-    if arch is None:
-        raise cfg.fail(
-            f"{where}.model.arch is not set (ai-toolkit then trains sd1); parity supports: {supported}"
-        )
-    arch = str(arch).split(":")[0]  # the UI may append ":<tag>"; ai-toolkit drops it
-    if arch not in SUPPORTED_ARCHS:
-        raise cfg.fail(f"model.arch is {arch!r}; parity supports: {supported}")
+    arch = model_arch(cfg, model, where)
     name_or_path = cfg.text(model.get("name_or_path"), f"{where}.model.name_or_path", optional=True)
     quantize = bool(model.get("quantize", False))
     qtype = cfg.text(model.get("qtype", "qfloat8"), f"{where}.model.qtype")
@@ -374,7 +372,37 @@ def _model_settings(cfg: _Reader, process: dict[str, Any], where: str, train_dty
         layer_offloading=layer_offloading,
         accuracy_recovery_adapter=ara,
         model_kwargs=cfg.mapping(model_kwargs, f"{where}.model.model_kwargs"),
+        flags=_model_flags(cfg, model, where, arch),
     )
+
+
+def model_arch(cfg: _Reader, model: dict[str, Any], where: str) -> str:
+    """``model.arch`` as ai-toolkit resolves it: a UI ``:tag`` dropped, aliases renamed, the legacy ``is_*`` flags
+    when absent (sd1 when none is set); an arch no family of this install serves is an InputError."""
+    from pipelines.registry import supported_archs
+
+    arch = model.get("arch")
+    if arch is None:
+        arch = next((name for flag, name in LEGACY_ARCH_FLAGS if model.get(flag)), None)
+    supported = ", ".join(supported_archs())
+    if arch is None:
+        raise cfg.fail(f"{where}.model.arch is not set (ai-toolkit then trains sd1); parity supports: {supported}")
+    arch = str(arch).split(":")[0]  # the UI may append ":<tag>"; ai-toolkit drops it
+    arch = ARCH_ALIASES.get(arch, arch)
+    if arch not in supported_archs():
+        raise cfg.fail(f"model.arch is {arch!r}; parity supports: {supported}")
+    return arch
+
+
+def _model_flags(cfg: _Reader, model: dict[str, Any], where: str, arch: str) -> dict[str, Any]:
+    """The model: flags that change how a preview is sampled. ``attn_masking`` is validated against the legacy
+    ``is_flux`` key before arch is read (ModelConfig): without it ai-toolkit refuses the config."""
+    is_flux = bool(model.get("is_flux", False)) or arch == "flux"
+    attn_masking = bool(model.get("attn_masking", False))
+    if attn_masking and not model.get("is_flux", False):
+        raise cfg.fail(f"{where}.model.attn_masking needs is_flux: true: ai-toolkit raises 'attn_masking is only "
+                       "supported with flux models currently' otherwise, so this config made no previews")
+    return {"use_flux_cfg": bool(model.get("use_flux_cfg", False)), "attn_masking": attn_masking and is_flux}
 
 
 def _network_settings(cfg: _Reader, process: dict[str, Any], where: str) -> NetworkSettings:

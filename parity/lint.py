@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity.errors import InputError
+from parity.errors import EnvironmentProblem, InputError
 from parity.jobfolder import TRAINER_TYPES, JobFolder, SampleItem, SampleSection, load_config, read_job_folder
 from parity.plan import (
     PromptSettings,
@@ -33,6 +33,7 @@ from parity.plan import (
     split_prompt_flags,
 )
 from parity.results import SEVERITIES, Cause
+from pipelines.registry import family_for
 
 SCOPES = ("job", "preview")
 BARELY_CHANGES_SSIM = 0.98  # first vs last preview of a prompt above this: the LoRA hardly changed anything
@@ -65,6 +66,10 @@ class Rule:
     fix: str
     applies: Applies
     in_check: bool = False  # reported by `parity check` for each preview too
+    families: tuple[str, ...] = ()  # the model families it concerns (pipelines/registry.py names); () = all
+
+    def serves(self, plan: ReplayPlan) -> bool:
+        return not self.families or plan.family.name in self.families
 
     def cause(self, finding: Finding) -> Cause:
         return Cause(
@@ -80,7 +85,8 @@ class Rule:
 RULES: list[Rule] = []
 
 
-def rule(code: str, severity: str, scope: str, explanation: str, fix: str, in_check: bool = False):
+def rule(code: str, severity: str, scope: str, explanation: str, fix: str, in_check: bool = False,
+         families: tuple[str, ...] = ()):
     """Register the decorated ``applies(plan, item, ctx)`` as a rule."""
     if severity not in SEVERITIES or scope not in SCOPES:
         raise ValueError(f"rule {code}: bad severity {severity!r} or scope {scope!r}")
@@ -88,7 +94,7 @@ def rule(code: str, severity: str, scope: str, explanation: str, fix: str, in_ch
     def register(applies: Applies) -> Applies:
         if any(r.code == code for r in RULES):
             raise ValueError(f"rule {code} registered twice")
-        RULES.append(Rule(code, severity, scope, " ".join(explanation.split()), fix, applies, in_check))
+        RULES.append(Rule(code, severity, scope, " ".join(explanation.split()), fix, applies, in_check, families))
         return applies
 
     return register
@@ -174,7 +180,8 @@ class LintContext:
 
             skeleton = self.skeleton()
             try:
-                self._loras[file] = match_against(self.job.path / file, skeleton)
+                convert = family_for(self.job.model.arch).lora_convert
+                self._loras[file] = match_against(self.job.path / file, skeleton, convert)
             except InputError as exc:  # an unreadable checkpoint is a finding, not a failed lint
                 self._loras[file] = exc.problem
         return self._loras[file]
@@ -188,9 +195,19 @@ class LintContext:
         """(meta-device transformer, what it is) for matching LoRA keys and shapes."""
         if self._skeleton is None:
             from parity.lora_report import transformer_skeleton
+            from pipelines.common.files import resolve_model_dir
+            from pipelines.family import ModelDirError
 
             base = self.base_model or _local_base_model(self.job)
-            self._skeleton = transformer_skeleton(base)
+            root = None
+            if base is not None:
+                try:
+                    root = resolve_model_dir(base)
+                except ModelDirError as exc:
+                    if exc.missing:
+                        raise EnvironmentProblem(exc.path, "base model not found") from None
+                    raise InputError(exc.path, exc.problem) from None
+            self._skeleton = transformer_skeleton(family_for(self.job.model.arch), root)
         return self._skeleton
 
 
@@ -244,6 +261,7 @@ def _g(value: float | None) -> str:
     "inference servers that floor to 16 return the smaller image instead.",
     "Use sizes that are multiples of 16 in training samples, or resize inference output the same way.",
     in_check=True,
+    families=("omnigen2",),
 )  # fmt: skip
 def _size_not_multiple_of_16(plan, item, ctx):
     w, h = item.width, item.height
@@ -260,6 +278,7 @@ def _size_not_multiple_of_16(plan, item, ctx):
     "OmniGen2 caps the generated area at 1024*1024 pixels; the preview is an upscaled smaller image.",
     "Compare at the generated size, or keep sample sizes at or below 1 MP.",
     in_check=True,
+    families=("omnigen2",),
 )  # fmt: skip
 def _above_1mp(plan, item, ctx):
     w, h = item.width, item.height
@@ -693,6 +712,7 @@ def _size_floored_to_8(plan, item, ctx):
     "ai-toolkit's omnigen2 sampling reads only ctrl_img (a sample with only ctrl_img_1 is plain text-to-image); "
     "ai-toolkit-inference prefers ctrl_img_1..3 and passes them all.",
     "Put the reference image in ctrl_img; send inference the image the preview used.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ctrl_img_numbered(plan, item, ctx):
     ignored = {}
@@ -713,6 +733,7 @@ def _ctrl_img_numbered(plan, item, ctx):
     "The preview was conditioned on a reference image that is not on this machine; without it the preview "
     "cannot be replayed.",
     "Pass --assets DIR with the reference images (found by file name).",
+    families=("omnigen2",),
 )  # fmt: skip
 def _reference_image_missing(plan, item, ctx):
     if item.ctrl_img_recorded and item.ctrl_img is None:
@@ -727,6 +748,7 @@ def _reference_image_missing(plan, item, ctx):
     "ai-toolkit resizes the reference image (bilinear) to exactly the sample's width x height before OmniGen2's "
     "processor; inference that passes the original image encodes another picture.",
     "Resize the reference image to the sample size (bilinear) before sending it, or store it at that size.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ctrl_img_resized(plan, item, ctx):
     if item.ctrl_img is None or item.width is None:
@@ -765,10 +787,11 @@ def _preview_unreadable(plan, item, ctx):
 )  # fmt: skip
 def _preview_size_mismatch(plan, item, ctx):
     size = ctx.image(item.file)
-    if item.width is not None and isinstance(size, tuple) and size != (item.width, item.height):
+    saved = plan.saved_size(item)  # FLUX.1 saves the floor-16 image, OmniGen2 the requested size
+    if saved is not None and isinstance(size, tuple) and size != saved:
         return Finding(
-            f"the preview is {size[0]}x{size[1]} but the config gives {item.width}x{item.height}",
-            {"preview_size": list(size), "config_size": [item.width, item.height]},
+            f"the preview is {size[0]}x{size[1]} but the config makes it {saved[0]}x{saved[1]}",
+            {"preview_size": list(size), "config_size": [item.width, item.height], "expected_size": list(saved)},
         )
     return None
 
@@ -833,6 +856,105 @@ def _preview_barely_changes(plan, item, ctx):
 
 # ---------------------------------------------------------------------------------------------------------
 # the LoRA files (FACTS §4, §7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLUX.1 (pipelines/flux/rules.py has the quirks; FLUX.md the ai-toolkit code they come from)
+
+
+@rule(
+    "flux_size_floored_to_16", "info", "preview",
+    "FLUX.1's pipeline floors each side to a multiple of 16 and ai-toolkit saves the image as generated, not "
+    "resized back: the preview is smaller than the sample size. An inference tool that keeps the requested "
+    "size (or pads) renders another picture.",
+    "Use sample sizes that are multiples of 16, or ask inference for the floor-16 size the preview has.",
+    in_check=True, families=("flux",),
+)  # fmt: skip
+def _flux_size_floored(plan, item, ctx):
+    if item.width and (item.gen_width, item.gen_height) != (item.width, item.height):
+        return Finding(
+            f"{item.width}x{item.height} is not a multiple of 16: the preview was generated and saved at "
+            f"{item.gen_width}x{item.gen_height}",
+            {"requested": [item.width, item.height], "generated": [item.gen_width, item.gen_height]},
+        )
+    return None
+
+
+@rule(
+    "flux_negative_unused", "warning", "preview",
+    "ai-toolkit samples FLUX.1 with the plain FluxPipeline: guidance goes only into the guidance embedding and "
+    "the negative prompt is encoded but never used (no true CFG). Inference that applies this negative with true "
+    "CFG (ComfyUI's CFG > 1, diffusers' true_cfg_scale) renders another picture.",
+    "Drop the negative prompt in inference (or train with model.use_flux_cfg: true if you want it used).",
+    in_check=True, families=("flux",),
+)  # fmt: skip
+def _flux_negative_unused(plan, item, ctx):
+    if item.negative_prompt and not plan.family.rules.uses_negative(item.guidance_scale or 0.0, plan.model_flags):
+        return Finding(f"negative prompt {item.negative_prompt!r} never reached the preview",
+                       {"negative_prompt": item.negative_prompt})
+    return None
+
+
+@rule(
+    "flux_guidance_embedding", "info", "job",
+    "FLUX.1-dev is guidance-distilled: guidance_scale is a value fed to the guidance embedding (about 3.5 is "
+    "typical), not a classifier-free guidance scale. Inference that treats it as CFG (two passes, "
+    "uncond + g * (cond - uncond)) renders another picture.",
+    "Pass the same value as the distilled guidance (diffusers: guidance_scale; ComfyUI: FluxGuidance) with CFG 1.",
+    families=("flux",),
+)  # fmt: skip
+def _flux_guidance_embedding(plan, item, ctx):
+    if plan.model_flags.get("use_flux_cfg"):
+        return None
+    values = sorted({i.guidance_scale for i in plan.items if i.guidance_scale is not None})
+    if values:
+        return Finding(f"guidance {', '.join(map(_g, values))} went into the guidance embedding only",
+                       {"guidance_scales": values})
+    return None
+
+
+@rule(
+    "flux_true_cfg", "warning", "job",
+    "model.use_flux_cfg: ai-toolkit sampled with true CFG: the guidance embedding bypassed and, when guidance > 1, "
+    "a second pass on the negative prompt, uncond + g * (cond - uncond). The plain FluxPipeline (and most "
+    "FLUX.1 inference) does neither.",
+    "Run inference with true CFG at the same scale and the guidance embedding bypassed (as training did), or "
+    "retrain without use_flux_cfg.",
+    families=("flux",),
+)  # fmt: skip
+def _flux_true_cfg(plan, item, ctx):
+    if plan.model_flags.get("use_flux_cfg"):
+        return Finding("previews sampled with true CFG and no guidance embedding (model.use_flux_cfg: true)")
+    return None
+
+
+@rule(
+    "flux_attn_masking", "info", "job",
+    "model.attn_masking (with is_flux: true): the T5 embeddings' padded positions were zeroed before the "
+    "transformer. Inference that feeds the padded embeddings as they come renders a slightly different picture.",
+    "Zero T5's padded positions in inference too, or train without attn_masking.",
+    families=("flux",),
+)  # fmt: skip
+def _flux_attn_masking(plan, item, ctx):
+    if plan.model_flags.get("attn_masking"):
+        return Finding("T5 padding zeroed in every preview (model.attn_masking)")
+    return None
+
+
+@rule(
+    "flux_quantized_lora_hooks", "warning", "job",
+    "A quantised FLUX.1 transformer (model.quantize) cannot take a merged LoRA: ai-toolkit ran it as an "
+    "unmerged float32 side branch on qfloat8 weights. Inference that fuses the LoRA into quantised (or bf16) "
+    "weights rounds the LoRA's small deltas away, so its effect shrinks or vanishes.",
+    "Keep the LoRA unmerged in inference on a quantised model, or fuse it into full-precision weights before "
+    "quantising.",
+    families=("flux",),
+)  # fmt: skip
+def _flux_quantized_lora(plan, item, ctx):
+    if plan.quantize:
+        return Finding(f"transformer quantised ({plan.qtype}): the LoRA ran unmerged in every preview",
+                       {"qtype": plan.qtype})
+    return None
 
 
 def lora_keys_cause(problem: str, checkpoint: str | None) -> Cause:
@@ -906,6 +1028,7 @@ def _lora_untrained(plan, item, ctx):
     "Training templates the empty negative prompt with OmniGen2's chat template twice; ai-toolkit-inference "
     "leaves an empty negative untemplated, so the pipeline templates it once: the unconditional branch differs.",
     "Template the empty negative twice at inference (parity's server profile shows the effect).",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_empty_negative(plan, item, ctx):
     empty = [p for p in ctx.prompts() if p.settings.negative_prompt == "" and p.settings.guidance_scale > 1]
@@ -920,6 +1043,7 @@ def _ir_empty_negative(plan, item, ctx):
     "ai-toolkit-inference floors width and height to a multiple of 16 and returns that smaller image; "
     "ai-toolkit resizes back to the requested size.",
     "Resize the server's output back (bilinear) to the preview size before comparing.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_size_floored(plan, item, ctx):
     sizes = sorted({(i.width, i.height) for i in plan.items if i.width and (i.width % 16 or i.height % 16)})
@@ -936,6 +1060,7 @@ def _ir_size_floored(plan, item, ctx):
     "Previews are JPEG at Pillow's default quality 75 (4:2:0); ai-toolkit-inference returns JPEG quality 95. "
     "Two different losses cap the agreement even for identical pixels.",
     "Compare lossless outputs, or encode both the same way (parity encodes replays like the preview).",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_jpeg_quality(plan, item, ctx):
     if plan.sample_format.lower() in ("jpg", "jpeg"):
@@ -951,6 +1076,7 @@ def _ir_jpeg_quality(plan, item, ctx):
     "A request that leaves settings out gets ai-toolkit-inference's defaults (25 steps, cfg 4, 1024x1024), "
     "not the sample section's.",
     "Send steps, guidance scale, width and height with every request.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_defaults_differ(plan, item, ctx):
     prompts = ctx.prompts()
@@ -974,6 +1100,7 @@ def _ir_defaults_differ(plan, item, ctx):
     "ir_default_seeds", "info", "job",
     "ai-toolkit-inference seeds prompt i with 42 + i when the request has no seed; the previews used other seeds.",
     "Send each preview's seed with the request (parity plan lists them).",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_default_seeds(plan, item, ctx):
     other = {p.label: p.settings.seed for p in ctx.prompts()
@@ -989,6 +1116,7 @@ def _ir_default_seeds(plan, item, ctx):
     "ai-toolkit-inference does not parse '--' flags: '--w 96 --seed 7 ...' would reach the model as prompt text "
     "and the settings they set in training would be lost.",
     "Strip the flags from the prompt and send their values as request fields.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_flags_not_parsed(plan, item, ctx):
     flagged = [p for p in ctx.prompts() if p.flags]
@@ -1005,6 +1133,7 @@ def _ir_flags_not_parsed(plan, item, ctx):
     "ai-toolkit-inference has one request-level LoRA multiplier; per-prompt multipliers of the previews "
     "cannot be expressed.",
     "Send one request per multiplier with loras[0].network_multiplier set to it.",
+    families=("omnigen2",),
 )  # fmt: skip
 def _ir_per_prompt_multiplier(plan, item, ctx):
     values = {p.label: p.settings.network_multiplier for p in ctx.prompts()}
@@ -1028,6 +1157,7 @@ def item_causes(plan: ReplayPlan, item: ReplayItem, ctx: LintContext | None = No
     causes = []
     for r in RULES:
         wanted = r.in_check or (ctx is not None and r.scope == "preview" and r.code != "lora_keys_unmatched")
+        wanted = wanted and r.serves(plan)
         if wanted and (finding := r.applies(plan, item, ctx or LintContext())) is not None:
             causes.append(r.cause(finding))
     return causes
@@ -1083,7 +1213,8 @@ def lint(
     plan = build_plan(job_dir, assets_dir)
     ctx = LintContext(job=read_job_folder(job_dir), base_model=base_model)
     findings: list[LintFinding] = []
-    for r in RULES:
+    rules = [r for r in RULES if r.serves(plan)]
+    for r in rules:
         if r.scope == "job":
             if (finding := r.applies(plan, None, ctx)) is not None:
                 findings.append(LintFinding(r.cause(finding), "job"))
@@ -1099,6 +1230,6 @@ def lint(
         job_dir=plan.job_dir,
         job_name=plan.job_name,
         findings=tuple(findings),
-        rules_checked=len(RULES),
+        rules_checked=len(rules),
         lora_checked_against=ctx.checked_against,
     )

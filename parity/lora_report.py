@@ -1,8 +1,8 @@
-"""``parity lora``: what a LoRA file holds and whether it applies to the OmniGen2 transformer (FACTS §4).
+"""``parity lora``: what a LoRA file holds and whether it applies to its model family's transformer (FACTS §4).
 
 Reads the format, ranks, dtypes, scale convention and ai-toolkit's metadata; matches every module against the
 transformer's Linear layers, built on the meta device (no weights) from the base model's transformer config or,
-without one, the real OmniGen2 architecture; and measures each module's weight change ``||B @ A||_F``.
+without one, the released model of the LoRA's family; and measures each module's weight change ``||B @ A||_F``.
 A LoRA applies when every key matched: "applied to 0 layers" or a partial match is the failure users hit
 (FACTS §7), and inference tools skip unmatched keys silently.
 """
@@ -19,8 +19,6 @@ from parity.jobfolder import read_safetensors_header
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # ai-toolkit's default targets (network.transformer_only): Linear layers whose path contains one of these
-AITOOLKIT_TARGET_PARTS = ("noise_refiner", "context_refiner", "layers")
-REAL_ARCHITECTURE = "the real OmniGen2 architecture (OmniGen2/OmniGen2 transformer config)"
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ class LoraReport:
     norms: list[ModuleNorm]  # largest ||B @ A|| first
     untrained: bool  # every B is zero: the LoRA changes nothing
     notes: list[str] = field(default_factory=list)
+    family: str = "OmniGen2"  # the model family it was checked against
 
     @property
     def scale_convention(self) -> str:
@@ -118,17 +117,18 @@ class LoraReport:
 
 
 def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> LoraReport:
-    """Read ``path`` and match it against ``base_model``'s transformer (or the real OmniGen2 architecture).
+    """Read ``path`` and match it against ``base_model``'s transformer, or against the released model of the family
+    the LoRA was trained for (its ``ss_base_model_version``, else its module names).
 
     Raises InputError for a file that is missing, not safetensors, a pickle or corrupt, or a base model folder
-    that is not OmniGen2; EnvironmentProblem for a base model that is not on this machine.
+    that no family reads; EnvironmentProblem for a base model that is not on this machine.
     """
-    from pipelines.omnigen2.lora import linear_modules
+    from pipelines.common.lora import linear_modules
 
     path = Path(path)
     header = _check_file(path)
-    skeleton = transformer_skeleton(base_model)
-    lora, keys = match_against(path, skeleton)
+    family, skeleton = lora_family(header, base_model)
+    lora, keys = match_against(path, skeleton, family.lora_convert)
     layers = linear_modules(skeleton[0])
     tensors = [k for k in header if k != "__metadata__"]
     alpha_keys = sum(k.endswith(".alpha") for k in tensors)
@@ -150,7 +150,7 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
         raw_metadata=dict(lora.metadata),
         checked_against=skeleton[1],
         layer_count=len(layers),
-        default_target_count=sum(any(p in name for p in AITOOLKIT_TARGET_PARTS) for name in layers),
+        default_target_count=sum(any(p in name for p in family.lora_target_parts) for name in layers),
         matched=keys.matched,
         unmatched=keys.unmatched,
         shape_mismatches=keys.shape_mismatches,
@@ -158,9 +158,40 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
         unpaired_keys=keys.unpaired_keys,
         norms=norms,
         untrained=bool(lora.modules) and all(not m.up.any() for m in lora.modules.values()),
+        family=family.label,
     )
-    report.notes.extend(_notes(report))
+    report.notes.extend(_notes(report, family))
     return report
+
+
+def lora_family(header: dict[str, Any], base_model: str | Path | None):
+    """(family, meta-device skeleton) a LoRA is checked against: the family whose transformer config
+    ``base_model`` has, else the one its metadata names, else the one whose module names it uses most."""
+    from pipelines.common.files import resolve_model_dir
+    from pipelines.family import ModelDirError
+    from pipelines.registry import families
+
+    every = [f for f in families() if f.skeleton is not None]
+    if base_model is not None:
+        try:
+            root = resolve_model_dir(base_model)
+        except ModelDirError as exc:
+            if exc.missing:
+                raise EnvironmentProblem(exc.path, "base model not found") from None
+            raise InputError(exc.path, exc.problem) from None
+        problems = []
+        for family in every:
+            try:
+                return family, family.skeleton(root)
+            except ModelDirError as exc:
+                problems.append(f"{family.label}: {exc.path}: {exc.problem}")
+        raise InputError(root, "no model family reads this folder (" + "; ".join(problems) + ")")
+    version = ((header.get("__metadata__") or {}).get("ss_base_model_version") or "").lower()
+    keys = [k for k in header if k != "__metadata__"]
+    hits = {f.name: sum(any(h in k for h in f.lora_key_hints) for k in keys) for f in every}
+    family = next((f for f in every if version and version in f.lora_base_versions), None)
+    family = family or max(every, key=lambda f: (hits[f.name], -every.index(f)))
+    return family, transformer_skeleton(family, None)
 
 
 def _check_file(path: Path) -> dict[str, Any]:
@@ -176,13 +207,13 @@ def _check_file(path: Path) -> dict[str, Any]:
     return read_safetensors_header(path)
 
 
-def match_against(path: str | Path, skeleton):
+def match_against(path: str | Path, skeleton, convert=None):
     """(LoraFile, KeyReport) of ``path`` against a :func:`transformer_skeleton`; InputError if unreadable."""
-    from pipelines.omnigen2.lora import LoraError, linear_modules, match_lora, read_lora
+    from pipelines.common.lora import LoraError, linear_modules, match_lora, read_lora
 
     transformer, _ = skeleton
     try:
-        lora = read_lora(path, list(linear_modules(transformer)))
+        lora = read_lora(path, list(linear_modules(transformer)), convert=convert)
     except LoraError as exc:
         raise InputError(exc.path, exc.problem) from None
     for module in lora.modules.values():
@@ -194,53 +225,14 @@ def match_against(path: str | Path, skeleton):
     return lora, match_lora(lora, transformer)
 
 
-def transformer_skeleton(base_model: str | Path | None):
-    """(OmniGen2 transformer on the meta device, what it was built from): only the transformer config is read."""
-    import torch
-
-    from pipelines.omnigen2.transformer import OmniGen2Config, OmniGen2Transformer
-
-    if base_model is None:
-        config, source = OmniGen2Config(), REAL_ARCHITECTURE
-    else:
-        config_file = transformer_config_file(base_model)
-        try:
-            config = OmniGen2Config.from_file(config_file)
-        except (ValueError, TypeError) as exc:
-            raise InputError(config_file, f"not a usable transformer config ({exc})") from None
-        source = f"base model {base_model} (transformer config)"
-    try:
-        with torch.device("meta"):
-            transformer = OmniGen2Transformer(config)
-    except (ValueError, TypeError) as exc:
-        raise InputError(
-            base_model, f"transformer config does not build an OmniGen2 transformer: {exc}"
-        ) from None
-    return transformer, source
-
-
-def transformer_config_file(base_model: str | Path) -> Path:
-    """``transformer/config.json`` of a diffusers-layout folder (or a transformer folder's ``config.json``)."""
-    from pipelines.omnigen2.loading import ModelLoadError, resolve_model_dir
-    from pipelines.omnigen2.transformer import CONFIG_CLASS_NAME
+def transformer_skeleton(family, root: Path | None):
+    """(the family's transformer on the meta device, what it was built from): only its config is read."""
+    from pipelines.family import ModelDirError
 
     try:
-        root = resolve_model_dir(base_model)
-    except ModelLoadError as exc:
-        if exc.missing:
-            raise EnvironmentProblem(exc.path, "base model not found") from None
+        return family.skeleton(root)
+    except ModelDirError as exc:
         raise InputError(exc.path, exc.problem) from None
-    for candidate in (root / "transformer" / "config.json", root / "config.json"):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(candidate, f"not valid JSON ({exc})") from None
-            name = data.get("_class_name") if isinstance(data, dict) else None
-            if name != CONFIG_CLASS_NAME:
-                raise InputError(candidate, f"transformer class is {name!r}, not {CONFIG_CLASS_NAME}")
-            return candidate
-    raise InputError(root, "no transformer/config.json: not a diffusers-layout OmniGen2 folder")
 
 
 def read_metadata(metadata: dict[str, str]) -> LoraMetadata:
@@ -282,13 +274,13 @@ def _norms(module) -> ModuleNorm:
     )
 
 
-def _notes(report: LoraReport) -> list[str]:
+def _notes(report: LoraReport, family) -> list[str]:
     notes = []
     if report.untrained:
         notes.append("every B (up) matrix is zero: the LoRA is untrained and changes nothing")
     version = report.metadata.base_model_version
-    if version is not None and version != "omnigen2":
-        notes.append(f"ss_base_model_version is {version!r}: trained for another model than OmniGen2")
+    if version is not None and version.lower() not in family.lora_base_versions:
+        notes.append(f"ss_base_model_version is {version!r}: trained for another model than {family.label}")
     if report.alpha_keys and any(s != 1.0 for s in report.scales):
         notes.append("scale alpha/rank is not 1: ai-toolkit-inference ignores alpha and fuses B @ A unscaled")
     if report.format not in ("ai-toolkit",):

@@ -16,9 +16,10 @@ from typing import Any
 
 from parity.errors import InputError
 from parity.jobfolder import JobFolder, Preview, SampleSection, read_job_folder
+from pipelines.family import Family
+from pipelines.registry import family_for
 
 SCHEMA_VERSION = 1
-MAX_PIXELS = 1024 * 1024  # OmniGen2's pipeline caps the generated image at 1 megapixel
 _TORCH_SEED_MIN, _TORCH_SEED_MAX = -(2**63), 2**64 - 1  # torch.manual_seed accepts int64 or uint64
 
 
@@ -37,9 +38,9 @@ class ReplayItem:
     prompt: str | None  # after [trigger] replacement and flag parsing
     negative_prompt: str | None  # None when ai-toolkit's value is not text (the False default)
     seed: int | None  # what torch.manual_seed received, as uint64; None = random (seed -1), unknowable
-    width: int | None  # requested size after floor-to-8 and the 64 minimum; the preview has this size
+    width: int | None  # requested size after floor-to-8 and the 64 minimum (what the pipeline is asked for)
     height: int | None
-    gen_width: int | None  # size generated before the resize back: 1 MP cap, then floor-to-16
+    gen_width: int | None  # size the family's pipeline generates at (OmniGen2: 1 MP cap, floor-16; FLUX.1: floor-16)
     gen_height: int | None
     num_inference_steps: int | None
     guidance_scale: float | None
@@ -82,8 +83,23 @@ class ReplayPlan:
     transformer_only: bool
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_flags: dict[str, Any] = field(default_factory=dict)  # use_flux_cfg, attn_masking (jobfolder)
     items: tuple[ReplayItem, ...] = ()
     warnings: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        """The model family that replays this plan (``pipelines/registry.py``)."""
+        return family_for(self.arch)
+
+    def generation_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.family.rules.generation_size(width, height)
+
+    def saved_size(self, item: ReplayItem) -> tuple[int, int] | None:
+        """The size of the preview file ``item`` describes (the family may save at the generation size)."""
+        if item.width is None:
+            return None
+        return self.family.rules.saved_size(item.width, item.height)
 
     @property
     def replayable_count(self) -> int:
@@ -150,6 +166,7 @@ def build_plan(job_dir: str | Path, assets_dir: str | Path | None = None) -> Rep
         transformer_only=job.network.transformer_only,
         network_kwargs=dict(job.network.network_kwargs),
         model_kwargs=dict(job.model.model_kwargs),
+        model_flags=dict(job.model.flags),
         items=tuple(items),
         warnings=job.warnings,
     )
@@ -199,7 +216,7 @@ def split_prompt_flags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 # flag -> (setting, parser); aliases share a setting. Flags for other models are parsed (a bad value still
-# crashed ai-toolkit) but do not change an omnigen2 preview.
+# crashed ai-toolkit) but change no preview of the families parity replays (OmniGen2, FLUX.1).
 _FLAGS: dict[str, tuple[str, type]] = {
     "n": ("negative_prompt", str),
     "w": ("width", int),
@@ -260,12 +277,6 @@ def round_seeds(section: SampleSection) -> list[int]:
 def requested_size(width: int, height: int) -> tuple[int, int]:
     """ai-toolkit floors the requested size to a multiple of 8, with a minimum of 64."""
     return max(64, width - width % 8), max(64, height - height % 8)
-
-
-def generation_size(width: int, height: int) -> tuple[int, int]:
-    """The size OmniGen2 generates at: at most 1 MP, floored to 16 (then it resizes back to width x height)."""
-    ratio = min((MAX_PIXELS / (height * width)) ** 0.5, 1.0)  # the pipeline's own arithmetic, not math.sqrt
-    return int(width * ratio) // 16 * 16, int(height * ratio) // 16 * 16
 
 
 def torch_seed(seed: int) -> int:
@@ -396,12 +407,12 @@ def _replay_item(
         )  # fmt: skip
     s = rnd.settings[preview.prompt_index]
     width, height = requested_size(s.width, s.height)
-    gen_width, gen_height = generation_size(width, height)
+    gen_width, gen_height = family_for(job.model.arch).rules.generation_size(width, height)
     negative = s.negative_prompt if isinstance(s.negative_prompt, str) else None
     if negative is None:
         problems.append(
-            f"negative prompt is {s.negative_prompt!r} (sample.neg defaults to False): ai-toolkit's omnigen2 "
-            "sampling crashes on a negative that is not text, so this preview cannot come from this config"
+            f"negative prompt is {s.negative_prompt!r} (sample.neg defaults to False): ai-toolkit encodes the "
+            "negative of every preview and crashes on one that is not text, so this preview cannot come from this config"
         )
     if s.seed is None:
         problems.append("seed -1: ai-toolkit drew a random seed and did not record it")

@@ -103,7 +103,7 @@ def _malformed_job_config_json(root: Path) -> tuple[Path, Path]:
 
 def _wrong_arch(root: Path) -> tuple[Path, Path]:
     job_dir = make_job(
-        root, job_config(model={"name_or_path": "black-forest-labs/FLUX.1-dev", "arch": "flux"})
+        root, job_config(model={"name_or_path": "stabilityai/stable-diffusion-xl-base-1.0", "arch": "sdxl"})
     )
     return job_dir, job_dir / "config.yaml"
 
@@ -142,7 +142,7 @@ BAD_INPUTS = {
     "no config": (_no_config, "no config.yaml or .job_config.json"),
     "malformed config.yaml": (_malformed_yaml, "not valid YAML"),
     "malformed .job_config.json": (_malformed_job_config_json, "not valid JSON"),
-    "arch is not omnigen2": (_wrong_arch, "model.arch is 'flux'; parity supports: omnigen2"),
+    "arch no family serves": (_wrong_arch, "model.arch is 'sdxl'; parity supports: omnigen2, flux"),
     "no samples folder": (_no_samples_folder, "no samples folder"),
     "no previews": (_empty_samples, "no previews"),
     "non-preview image": (_non_preview_file, "not a preview"),

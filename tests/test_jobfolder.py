@@ -199,8 +199,8 @@ def test_config_yaml_is_preferred_over_job_config_json(tmp_path):
     "config, problem",
     [
         (
-            job_config(model={"arch": "flux", "name_or_path": "m"}),
-            "model.arch is 'flux'; parity supports: omnigen2",
+            job_config(model={"arch": "sdxl", "name_or_path": "m"}),
+            "model.arch is 'sdxl'; parity supports: omnigen2, flux",
         ),
         (job_config(model={"name_or_path": "m"}), "model.arch is not set"),
         (job_config(type="extract"), "no LoRA training process"),

@@ -10,7 +10,8 @@ import pytest
 from test_jobfolder import job_config, make_job
 
 from parity.errors import InputError
-from parity.plan import build_plan, generation_size, requested_size, split_prompt_flags
+from parity.plan import build_plan, requested_size, split_prompt_flags
+from pipelines.omnigen2.rules import generation_size
 
 GROUND_TRUTH_FIELDS = (
     "step",
