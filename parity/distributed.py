@@ -70,15 +70,10 @@ class Dist:
             self._group = False
 
 
-_current: Dist | None = None
-
-
 def current() -> Dist:
-    """The run's ``Dist``: from torchrun's environment the first time (joining the process group), then cached."""
-    global _current
-    if _current is None:
-        _current = from_env()
-    return _current
+    """The run's ``Dist`` from torchrun's environment (joining the process group the first time: torch keeps it,
+    so nothing is cached here)."""
+    return from_env()
 
 
 def from_env(environ=None) -> Dist:

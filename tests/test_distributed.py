@@ -47,6 +47,14 @@ def run(args, env):
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
     job = ORACLE_DIR / "jobs" / "og2_basic"
     env = dict(os.environ)
@@ -71,7 +79,7 @@ def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29531",
+        str(free_port()),  # not a fixed one: another run on this machine may hold it
     ]
     two = run([*torchrun, "-m", "parity", *common, "--out", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-3000:]
