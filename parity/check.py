@@ -9,6 +9,7 @@ the GPU. Under ``torchrun`` the replays are shared between the ranks and rank 0 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,7 +24,17 @@ from PIL import Image
 
 from parity import __version__, distributed
 from parity.causes import LintContext, item_causes, lora_keys_cause
-from parity.diagnose import bisect, floor_cause, noise_floor
+from parity.diagnose import (
+    PARTIAL_GAP_SHARE,
+    FlipResult,
+    analogue,
+    bisect,
+    explains,
+    floor_cause,
+    noise_floor,
+    rank_causes,
+    try_flip,
+)
 from parity.errors import InputError
 from parity.jobfolder import read_job_folder
 from parity.plan import ReplayItem, ReplayPlan, build_plan
@@ -32,6 +43,8 @@ from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, Verdict, load_rgb, score_replay
 from reports.html import save_card_images
 
+# A LoRA whose replay with and without it agree above this SSIM barely changes the image (lint uses it too).
+BARELY_CHANGES_SSIM = 0.98
 # Step-0 previews the kernel choice replays in a run that checks none of them itself (--steps latest): enough to
 # tell kernel sets apart (a wrong one differs at the first), without replays that serve the choice alone.
 KERNEL_PROBES_UNCHECKED = 2
@@ -104,6 +117,8 @@ class CheckRun:
     progress: Callable[[str], None] | None = None
     fresh: dict[str, np.ndarray] = field(default_factory=dict)  # probe replays by cache key: reused, never redone
     fast_drift: dict | None = None
+    job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
+    lora_effects: list[dict] = field(default_factory=list)  # per checked round: LoRA on vs off
 
     @property
     def replays_dir(self) -> Path:
@@ -127,6 +142,11 @@ class CheckRun:
 
     def png(self, item: ReplayItem, key: str) -> Path:
         return self.replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
+
+    def keep_replay(self, item: ReplayItem, replay) -> None:
+        """A diagnosis replay into the replay cache (a re-run finds it)."""
+        if self.options.use_cache:
+            save_png_atomic(self.png(item, replay.key), replay.pixels)
 
     def keep_probe(self, item: ReplayItem, algorithm: str | None, replay) -> None:
         self.fresh[replay.key] = replay.pixels
@@ -313,23 +333,39 @@ def apply_noise_floor(run: CheckRun, results: list[PreviewResult]) -> list[Previ
 
 
 def diagnose_all(run: CheckRun, results: list[PreviewResult], step0: list[PreviewResult]) -> None:
-    """Flip knobs for every preview that does not pass (``parity.diagnose``), then rank each one's causes."""
+    """Name the cause of every mismatch by experiment (``parity.diagnose``): explanations proven on one preview
+    are tried first on the next, then tested on every other preview they could affect (a PASS included: a
+    setting shown to differ is an error wherever it applies); one knob that explains several previews becomes
+    one job-level cause. Then each preview's causes are ranked."""
     options = run.options
     if options.diagnose and options.pipeline == "aitoolkit":
         by_file = {item.file: item for item in run.items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
         base_exact = any(r.step == 0 and r.score is not None and r.score.verdict == Verdict.EXACT for r in step0)
-        stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
+        proven: list[tuple[FlipResult, ReplayItem]] = []
         for result in results:
+            stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
             if needs_diagnosis(result, stop_at):
                 run.say(f"diagnosing {result.preview_file}")
-                diagnose_one(run, result, by_file[result.preview_file], stop_at)
+                found = diagnose_one(run, result, by_file[result.preview_file], expected(result, stop_at), proven)
+                if found is not None:
+                    proven.append((found, by_file[result.preview_file]))
+        confirm_elsewhere(run, results, by_file, proven, base_exact)
+        run.job_causes = job_causes(results)
+    if options.diagnose and options.pipeline == "aitoolkit" and not options.images_dir:
+        run.lora_effects = measure_lora_effects(run, results)
     for result in results:
         result.causes = rank(result.causes)
     run.clock.mark("diagnosis")
 
 
-def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, stop_at: str) -> None:
+def expected(result: PreviewResult, stop_at: str) -> str:
+    """The verdict a right replay reaches: EXACT, or PASS where the files predict a residual."""
+    predicted = any(c.code == "predicted_residual" for c in result.causes)
+    return "PASS" if predicted else stop_at
+
+
+def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect: str, proven) -> FlipResult | None:
     options, replayer = run.options, run.replayer
     target, baseline = result.preview_path, result.score.metrics.ssim
     if options.images_dir:
@@ -343,13 +379,122 @@ def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, stop_at
     near_miss = result.score.verdict == Verdict.PASS
     if near_miss:  # weights, templates, negatives, not seeds
         budget = min(budget, 24)
-    diagnosed, _ = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget, stop_at,
-                          target_name="the outside image" if options.images_dir else "the preview")
-    if near_miss:  # keep what explains it, not the LoRA note
-        diagnosed = [c for c in diagnosed if c.code != "lora_effect"] or [kernel_residual_cause(result, replayer)]
+    first = [f for r, source in proven if (f := analogue(r.flip, source, item, run.plan)) is not None]
+    diagnosed, _, found = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget,
+                                 expect, target_name="the outside image" if options.images_dir else "the preview",
+                                 first=first, lookup=run.cached_pixels if run.plain else None,
+                                 keep=run.keep_replay if run.plain else None)
+    if near_miss and not any(c.severity != "info" for c in diagnosed):
+        diagnosed = [c for c in diagnosed if c.code != "lora_effect"] + [kernel_residual_cause(result, replayer)]
     keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
     rest = [c for c in result.causes if c.code != "lora_keys_unmatched"]
     result.causes = keys + diagnosed + rest
+    return found
+
+
+def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool) -> None:
+    """A setting proven to differ on one preview, tested on every other scored preview it could affect that no
+    experiment has explained yet (PASS ones included): where it closes most of the gap there too, it is proven
+    there as well."""
+    if not proven or run.options.images_dir:
+        return
+    for result in results:
+        if result.score is None or result.score.verdict == Verdict.EXACT:
+            continue
+        if any(c.evidence.get("proven") for c in result.causes):
+            continue
+        item = by_file[result.preview_file]
+        expect = expected(result, "EXACT" if base_exact else "PASS")
+        baseline = result.score.metrics.ssim
+        for found, source in proven:
+            flip = analogue(found.flip, source, item, run.plan)
+            if flip is None:
+                continue
+            run.say(f"testing {flip.label} on {result.preview_file}")
+            tried = try_flip(run.replayer, flip, result.preview_path, run.options.thresholds,
+                             run.cached_pixels if run.plain else None, run.keep_replay if run.plain else None)
+            if tried is not None and (explains(tried, expect) or tried.gap_closed(baseline) >= PARTIAL_GAP_SHARE):
+                cause = rank_causes([tried], baseline, run.options.thresholds, expect)[0]
+                # shown by experiment to differ here too: an error even where the preview passes
+                evidence = cause.evidence | {"proven": True, "confirmed_from": source.file}
+                result.causes.insert(0, dataclasses.replace(cause, severity="error", evidence=evidence))
+                break
+
+
+def job_causes(results: list[PreviewResult]) -> list[Cause]:
+    """Each knob proven by experiment, once for the job: which previews it explains, of those that did not match."""
+    mismatched = [r for r in results if r.score is not None and r.score.verdict != Verdict.EXACT]
+    by_code: dict[str, list[tuple[PreviewResult, Cause]]] = {}
+    for result in mismatched:
+        for cause in result.causes:
+            if cause.evidence.get("proven"):
+                by_code.setdefault(cause.code, []).append((result, cause))
+                break
+    causes = []
+    for code, found in sorted(by_code.items(), key=lambda kv: -len(kv[1])):
+        first = found[0][1]
+        flips = sorted({c.evidence.get("flip", "") for _, c in found})
+        shown = "; ".join(flips[:3]) + (f" and {len(flips) - 3} more" if len(flips) > 3 else "")
+        complete = len(found) == len(mismatched)
+        causes.append(Cause(
+            code, "error", first.title,
+            f"{code}: {shown}: explains {len(found)} of {len(mismatched)} mismatched preview(s)"
+            + (" (the whole mismatch)" if complete else ""),
+            first.fix,
+            {"explains": len(found), "of": len(mismatched), "previews": [r.preview_file for r, _ in found],
+             "flips": flips, "proven": True, "complete": complete},
+        ))
+    return causes
+
+
+def measure_lora_effects(run: CheckRun, results: list[PreviewResult]) -> list[dict]:
+    """How far each checked round's LoRA moves the picture: its first scored preview replayed with the LoRA off
+    (cached like any replay) against the replay with it. Under BARELY_CHANGES_SSIM the LoRA barely changes the
+    image: a warning in its own right."""
+    from parity.replay import Knobs
+    from parity.scores import compute_metrics
+
+    effects = []
+    seen_steps = set()
+    by_file = {item.file: item for item in run.items}
+    for result in results:
+        item = by_file.get(result.preview_file)
+        if item is None or item.weights == "base" or result.score is None or item.step in seen_steps:
+            continue
+        if result.replay_png is None or not Path(result.replay_png).is_file():
+            continue
+        seen_steps.add(item.step)
+        run.say(f"measuring the LoRA's effect at step {item.step}")
+        try:
+            off = run.replayer.replay_or_cached(item, lookup=run.cached_pixels, knobs=Knobs(lora=False))
+            if not off.cached:
+                run.keep_replay(item, off)
+            on = np.array(Image.open(result.replay_png).convert("RGB"))
+        except Exception:  # no evidence rather than a failed run
+            continue
+        metrics = compute_metrics(on, off.pixels)[0]
+        effect = {"step": item.step, "checkpoint": item.checkpoint, "preview": item.file,
+                  "ssim_on_vs_off": round(float(metrics.ssim), 4),
+                  "mean_abs_diff": round(float(metrics.mean_abs_diff), 3), "max_abs_diff": int(metrics.max_abs_diff),
+                  "barely": bool(metrics.ssim >= BARELY_CHANGES_SSIM)}
+        effects.append(effect)
+        if not effect["barely"]:
+            result.causes.append(Cause(
+                "lora_effect", "info",
+                f"the LoRA's effect at step {item.step}: SSIM {metrics.ssim:.3f} with vs without it",
+                f"Replayed with and without {item.checkpoint or 'the LoRA'}, the images differ by a mean of "
+                f"{metrics.mean_abs_diff:.2f} levels (max {metrics.max_abs_diff}): the LoRA visibly changes the picture.",
+                "Nothing to fix; compare inference with and without the LoRA the same way.", effect))
+        else:
+            result.causes.append(Cause(
+                "lora_barely_changes", "warning",
+                f"the LoRA barely changes the image at step {item.step} (SSIM {metrics.ssim:.3f} with vs without)",
+                f"Replayed with and without {item.checkpoint or 'the LoRA'}, the two images differ by a mean of "
+                f"{metrics.mean_abs_diff:.2f} levels (max {metrics.max_abs_diff}): the LoRA has little to show, "
+                "in training previews and in inference alike.",
+                "Train longer, at a higher learning rate or rank, or check that the LoRA's keys load (parity lora).",
+                effect))
+    return effects
 
 
 def gather(run: CheckRun, by_index: dict[int, PreviewResult], results: list[PreviewResult]) -> list[PreviewResult]:
@@ -387,6 +532,8 @@ def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
         kernels_reason=replayer.kernel_reason,
         kernel_trials=replayer.kernel_trials,
         fast_drift=run.fast_drift,
+        job_causes=run.job_causes,
+        lora_effects=run.lora_effects,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,

@@ -418,12 +418,12 @@ class Replayer:
         return replay
 
     def replay_or_cached(self, item: ReplayItem, algorithm: str | None = None, lookup=None,
-                         deferred: bool = False) -> Replay:
+                         deferred: bool = False, knobs: Knobs = Knobs()) -> Replay:
         """``item``'s replay, or the pixels ``lookup(item, key)`` finds in the replay cache for its key (then
         nothing is replayed: ``Replay.cached``)."""
         if lookup is not None:
-            key, info = self.prepare(item, algorithm)
+            key, info = self.prepare(item, algorithm, knobs)
             pixels = lookup(item, key)
             if pixels is not None:
                 return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"], cached=True)
-        return self.replay(item, algorithm, deferred=deferred)
+        return self.replay(item, algorithm, knobs, deferred=deferred)

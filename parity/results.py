@@ -18,7 +18,8 @@ FAIL_ON = ("fail", "drift")
 
 EXIT_CODES: dict[int, str] = {
     0: "pass: no preview failed (DRIFT counts as a failure only with --fail-on drift)",
-    1: "parity failure: a FAIL (or, with --fail-on drift, a DRIFT) or a replay that crashed",
+    1: "parity failure: a FAIL (or, with --fail-on drift, a DRIFT), a replay that crashed, or a setting proven by "
+       "experiment to differ from what made a preview",
     2: "usage or input error: bad arguments, unreadable job folder, config, preview or LoRA",
     3: "environment error: CUDA asked for but absent, base model not found",
 }
@@ -229,6 +230,8 @@ class CheckReport:
     kernels_reason: str = ""  # how it was chosen
     kernel_trials: list[dict[str, Any]] = field(default_factory=list)  # each profile tried on a step-0 preview
     fast_drift: dict[str, Any] | None = None  # --fast: measured against exact mode on the same previews
+    job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
+    lora_effects: list[dict[str, Any]] = field(default_factory=list)  # per checked round: LoRA on vs off
 
     def __post_init__(self):
         if self.fail_on not in FAIL_ON:
@@ -243,8 +246,20 @@ class CheckReport:
         return counts
 
     @property
+    def proven_mismatches(self) -> list[Cause]:
+        """Settings shown by experiment to differ from what made a preview: each fails the run, even where the
+        previews it concerns PASS on SSIM."""
+        found = {c.code: c for c in self.job_causes if c.evidence.get("proven")}
+        for item in self.items:
+            for cause in item.causes:
+                if cause.evidence.get("proven") and cause.severity == "error":
+                    found.setdefault(cause.code, cause)
+        return list(found.values())
+
+    @property
     def exit_code(self) -> int:
-        return exit_code_for(self.counts, self.fail_on)
+        code = exit_code_for(self.counts, self.fail_on)
+        return 1 if code == 0 and self.proven_mismatches else code
 
     @property
     def causes_summary(self) -> list[CauseSummary]:
@@ -305,6 +320,8 @@ class CheckReport:
             "exit_codes": {str(k): v for k, v in EXIT_CODES.items()},
             "counts": self.counts,
             "causes_summary": [s.to_dict() for s in self.causes_summary],
+            "job_causes": [c.to_dict() for c in self.job_causes],
+            "lora_effects": [dict(e) for e in self.lora_effects],
             "warnings": list(self.warnings),
             "previews": [i.to_dict() for i in self.items],
         }
@@ -334,4 +351,6 @@ class CheckReport:
             kernels_reason=(data.get("kernels") or {}).get("chosen_by", ""),
             kernel_trials=list((data.get("kernels") or {}).get("trials") or []),
             fast_drift=(data.get("measured_drift") or {}).get("fast"),
+            job_causes=[Cause.from_dict(c) for c in data.get("job_causes") or []],
+            lora_effects=list(data.get("lora_effects") or []),
         )

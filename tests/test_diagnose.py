@@ -132,8 +132,14 @@ def test_explained_causes_carry_their_evidence(tmp_path):
 def test_lora_effect_is_measured_and_said_plainly(tmp_path):
     job, edit, files, steps, _ = FAULTS["multiplier"]
     report = check(injected(tmp_path, job, edit, files), steps, tmp_path / "out")
-    effect = [c for i in report.items for c in i.causes if c.code == "lora_effect"]
-    assert effect and {"ssim_lora_on", "ssim_lora_off"} <= set(effect[0].evidence)
+    # every checked round: its first preview replayed with the LoRA off against the replay with it
+    assert [e["step"] for e in report.lora_effects] == [2]
+    effect = report.lora_effects[0]
+    assert 0 < effect["ssim_on_vs_off"] < 0.98 and effect["max_abs_diff"] > 0 and not effect["barely"]
+    said = [c for i in report.items for c in i.causes if c.code == "lora_effect"]
+    assert said and said[0].severity == "info" and said[0].evidence["ssim_on_vs_off"] == effect["ssim_on_vs_off"]
+    # the multiplier fault is explained by its own flip, not by a "LoRA barely changes" note
+    assert not [c for i in report.items for c in i.causes if c.code == "lora_barely_changes"]
 
 
 def test_noise_floor_names_hardware_drift(tmp_path):
