@@ -321,6 +321,23 @@ def test_junit_drift_fails_only_with_fail_on_drift(tmp_path):
     assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (8, 3, 1, 1)
 
 
+def test_junit_times_are_each_previews_seconds_and_a_skip_says_why_once(tmp_path):
+    report, out = sample_report(tmp_path)
+    for n, item in enumerate(report.items):
+        item.seconds = None if item.outcome is Outcome.SKIPPED else 1.25 * (n + 1)
+    skipped = next(i for i in report.items if i.outcome is Outcome.SKIPPED)
+    skipped.reason = "not replayable: checkpoint og2_000000500.safetensors deleted"  # as the plan words it
+    paths = write_reports(report, out)
+    cases = _cases(paths["junit"])
+    assert [c.time for c in cases] == [i.seconds or 0 for i in report.items]
+    suite = next(iter(JUnitXml.fromfile(str(paths["junit"]))))
+    assert suite.time == pytest.approx(sum(i.seconds or 0 for i in report.items))
+    skip = next(r for c in cases for r in c.result if isinstance(r, Skipped))
+    assert skip.message == "not replayable: checkpoint og2_000000500.safetensors deleted"
+    back = CheckReport.from_dict(json.loads(paths["json"].read_text()))
+    assert [i.seconds for i in back.items] == [i.seconds for i in report.items]
+
+
 def test_exit_code_follows_fail_on():
     assert exit_code_for({"DRIFT": 2, "PASS": 3}, "fail") == 0
     assert exit_code_for({"DRIFT": 2, "PASS": 3}, "drift") == 1
