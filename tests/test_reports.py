@@ -180,10 +180,10 @@ def test_card_images_made_ahead_give_the_same_page_and_a_damaged_card_file_none_
     from reports.html import CARDS_FOLDER, render_html, save_card_images
 
     report, out = sample_report(tmp_path)
-    expected = render_html(report)
+    expected = render_html(report, out)
     for item in report.items:
         item.card_file = save_card_images(item, out)
-    assert render_html(report) == expected
+    assert render_html(report, out) == expected
     assert write_reports(report, out)["html"].read_text(encoding="utf-8") == expected
     assert not (out / CARDS_FOLDER).exists()
 
@@ -382,6 +382,56 @@ def test_html_reads_in_order_with_one_card_per_preview(written):
         assert html.count(f'data-outcome="{outcome}"') == n
     assert "PASS ≥ 0.97" in html and "PASS ≥ 32 dB" in html  # thresholds next to the metrics
     assert "gaussian_weights=True" in html  # the SSIM convention
+
+
+def _decoded(uri: str) -> Image.Image:
+    import base64
+    import io
+
+    head, data = uri.split(",", 1)
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def test_a_large_preview_is_shown_at_display_size_with_its_full_resolution_files_linked(tmp_path):
+    """1024x768: every image of the card reduced by 3 to 342x256 WebP, the difference heatmap keeping a single
+    changed pixel visible in its block; the thumbnail at most 96 px; the full-size files linked relatively."""
+    from reports.html import card_images
+
+    samples, out = tmp_path / JOB / "samples", tmp_path / "out"
+    samples.mkdir(parents=True)
+    (out / "replays").mkdir(parents=True)
+    truth = _scene(1024, 768, seed=3)
+    Image.fromarray(truth).save(samples / "big.png")  # lossless: the changed pixel is the only difference
+    replay = truth.copy()
+    replay[500, 700] = 255 - replay[500, 700]
+    item = PreviewResult("big.png", 250, 0, {"prompt": "big"}, preview_path=samples / "big.png",
+                         replay_png=out / "replays" / "big-0123.png", score=score_replay(samples / "big.png", replay))
+    Image.fromarray(replay).save(item.replay_png)
+    card = card_images(item)
+    assert card.size == (1024, 768) and card.display == (342, 256)
+    for name in ("preview", "replay", "diff", "ssim"):
+        image = _decoded(card.images[name])
+        assert card.images[name].startswith("data:image/webp;base64,") and image.size == (342, 256)
+    diff = np.asarray(_decoded(card.images["diff"]).convert("L"), dtype=float)
+    assert diff[500 // 3, 700 // 3] > np.median(diff) + 100  # one pixel of 1024x768, still bright at 342x256
+    assert max(_decoded(card.images["thumb"]).size) == 96
+
+    report = CheckReport(tool_version="0.1.0", job_dir=str(tmp_path / JOB), job_name=JOB, base_model="m",
+                         device="cpu", dtype="bf16", pipeline_profile="p", noise_algorithm="n",
+                         noise_algorithm_reason="r", items=[item])
+    html = write_reports(report, out)["html"].read_text()
+    assert 'width="342" height="256"' in html and "Shown at 342×256" in html
+    links = re.findall(r'<a[^>]* href="([^"#][^"]*)"', html)
+    assert links and "replays/big-0123.png" in links and f"../{JOB}/samples/big.png" in links
+    assert all((out / link).is_file() for link in links)
+
+
+def test_small_previews_stay_lossless_png(written):
+    report, paths = written
+    html = paths["html"].read_text()
+    assert "data:image/webp" not in html and "Shown at" not in html  # 96x64: every pixel shown as it is
 
 
 # --- heatmap helper ------------------------------------------------------------------------------------------
