@@ -10,7 +10,7 @@ previews the page is read for what differs. Everything that comes from user data
 (jinja2 autoescape); a Content-Security-Policy allows only the page's own script and style (by hash) and data:
 images, so even a missed escape could not load or run anything.
 
-The images of a card (four PNG encodings: most of a big report's time) can be made ahead, where each replay
+The images of a card (reduced and encoded: most of a big report's time) can be made ahead, where each replay
 finishes (``save_card_images``, on every rank under torchrun); rendering then reads them back. The page is the
 same byte for byte either way.
 """
@@ -440,8 +440,7 @@ def html_chunks(report: CheckReport, splice: dict | None = None, out_dir: str | 
 
 def html_bytes(report: CheckReport, out_dir: str | Path | None = None) -> Iterator[bytes | memoryview]:
     """report.html as UTF-8 in pieces, for writing it: the bytes of ``render_html``, but each image made ahead
-    (``save_card_images``) is copied from its card file as it is, never decoded, split or escaped: hundreds of
-    megabytes for a big report."""
+    (``save_card_images``) is copied from its card file as it is, never decoded, split or escaped."""
     splice = {"token": uuid.uuid4().hex, "cards": {}}  # the token marks where an image goes: no text holds it
     token, loaded = splice["token"], {}
     for chunk in html_chunks(report, splice, out_dir):
