@@ -20,8 +20,9 @@ FIRST_PHASE = "loading the base model"
 
 
 def is_preview(label: str) -> bool:
-    """Whether a progress label names a preview (its replay starts) rather than a phase."""
-    return label.lower().endswith(PREVIEW_SUFFIXES)
+    """Whether a progress label names a preview (its replay starts) rather than a phase. A phase can end in a file
+    name too ("diagnosing X.jpg"), but it is words: ai-toolkit's preview names hold no space."""
+    return " " not in label and label.lower().endswith(PREVIEW_SUFFIXES)
 
 
 def clock_text(seconds: float) -> str:

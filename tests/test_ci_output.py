@@ -147,6 +147,7 @@ def test_progress_lines_count_replays_estimate_the_time_left_and_repeat_a_long_p
         clock.now += 6
     clock.now += 5
     lines.beat()
+    lines("diagnosing c.jpg")  # a phase that names a preview is not a replay
     assert stream.getvalue().splitlines() == [
         "[0:12] still loading the base model: 0:12 so far",
         "[0:12] choosing the noise algorithm",
@@ -154,5 +155,6 @@ def test_progress_lines_count_replays_estimate_the_time_left_and_repeat_a_long_p
         "[0:18] replay 2/4 b.jpg (about 0:18 left)",  # 6 s a replay, this one and two more
         "[0:24] replay 3/4 c.jpg (about 0:12 left)",
         "[0:35] still replaying c.jpg: 0:11 so far (3/4 started, about 0:01 left)",
+        "[0:35] diagnosing c.jpg",
     ]
     assert clock_text(3725) == "1:02:05"
