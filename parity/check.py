@@ -258,8 +258,9 @@ def replay_and_score(run: CheckRun, mine: set[int]) -> dict[int, PreviewResult]:
                 by_index[index] = unscored(run, item, causes, item.reason)
                 continue
             run.say(item.file)
+            started = time.perf_counter()
             try:
-                done = replay_one(run, item, causes, worker)
+                done = replay_one(run, item, causes, worker, started)
             except InputError:
                 raise
             except Exception as exc:
@@ -267,6 +268,7 @@ def replay_and_score(run: CheckRun, mine: set[int]) -> dict[int, PreviewResult]:
             if isinstance(done, Future):
                 finishing.append((index, done))
             else:
+                done.seconds = round(time.perf_counter() - started, 3)
                 by_index[index] = done
         for index, future in finishing:
             by_index[index] = future.result()
@@ -279,7 +281,7 @@ def unscored(run: CheckRun, item: ReplayItem, causes, reason: str, error: str | 
                          causes=causes, preview_path=run.samples / item.file, error=error)
 
 
-def replay_one(run: CheckRun, item: ReplayItem, causes, worker) -> PreviewResult | Future:
+def replay_one(run: CheckRun, item: ReplayItem, causes, worker, started: float) -> PreviewResult | Future:
     """One preview: an outside image scored, the server's rendering, or our replay (queued on ``worker``)."""
     options, replayer = run.options, run.replayer
     preview_path = run.samples / item.file
@@ -302,11 +304,12 @@ def replay_one(run: CheckRun, item: ReplayItem, causes, worker) -> PreviewResult
         get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
     else:  # queue the replay; its decode, PNG and score finish while the next one runs
         get, save = replayer.replay(item, deferred=True).wait, True
-    return worker.submit(finish, run, item, causes, info, png, get, save)
+    return worker.submit(finish, run, item, causes, info, png, get, save, started)
 
 
-def finish(run: CheckRun, item, causes, info, png, get_pixels, save: bool) -> PreviewResult:
-    """Pixels -> PNG (when new) -> score -> result; runs on the worker thread, overlapping the next replay."""
+def finish(run: CheckRun, item, causes, info, png, get_pixels, save: bool, started: float) -> PreviewResult:
+    """Pixels -> PNG (when new) -> score -> result; runs on the worker thread, overlapping the next replay.
+    ``seconds``: from the replay's start to its score (JUnit's case time)."""
     preview_path = run.samples / item.file
     try:
         pixels = get_pixels()
@@ -316,8 +319,11 @@ def finish(run: CheckRun, item, causes, info, png, get_pixels, save: bool) -> Pr
     except InputError:
         raise
     except Exception as exc:
-        return unscored(run, item, causes, "", error=f"{type(exc).__name__}: {exc}")
-    return with_card(scored_result(item, causes, preview_path, info, png, score), run.out)
+        result = unscored(run, item, causes, "", error=f"{type(exc).__name__}: {exc}")
+    else:
+        result = with_card(scored_result(item, causes, preview_path, info, png, score), run.out)
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
 
 
 def apply_noise_floor(run: CheckRun, results: list[PreviewResult]) -> list[PreviewResult]:

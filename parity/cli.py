@@ -184,6 +184,11 @@ def check_command(
     cuda_graphs: Annotated[
         bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same pixels).")
     ] = True,
+    github: Annotated[
+        bool | None,
+        typer.Option("--github/--no-github", help="GitHub Actions output: a step summary in $GITHUB_STEP_SUMMARY "
+                     "and an error annotation per failing preview (default: when GITHUB_ACTIONS=true)."),
+    ] = None,
 ) -> None:
     """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml.
 
@@ -240,35 +245,28 @@ def check_command(
         raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
     _check_noise_name(noise)
     from parity import distributed
+    from parity.ci import github_wanted
 
+    github = github_wanted(github)
     dist = distributed.current()
     if dist.world > 1:  # torchrun: no progress bars from N processes; rank 0 writes the report
         report = run_check(job_dir, options)
         if not dist.is_main:
             raise typer.Exit(0)
-        _write_reports_and_exit(report, out)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        _write_reports_and_exit(report, out, github)
+    from parity.check import select_items
+    from parity.plan import build_plan
+    from parity.progress import progress_for
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
-
-        def step(label: str) -> None:
-            if label.endswith((".jpg", ".png", ".webp", ".jpeg")):
-                bar.update(task, advance=1, description=f"replaying {label}")
-            else:
-                bar.update(task, description=label)
-
-        from parity.plan import build_plan
-
-        total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable)
-        bar.update(task, total=total)
-        report = run_check(job_dir, options, progress=step)
-    _write_reports_and_exit(report, out)
+    total = sum(1 for i in select_items(build_plan(job_dir, assets), steps) if i.replayable)
+    with progress_for(err_console, total) as progress:
+        report = run_check(job_dir, options, progress=progress)
+    _write_reports_and_exit(report, out, github)
 
 
-def _write_reports_and_exit(report, out: Path) -> None:
-    """Rank 0 (or the one process): report.html, parity.json and junit.xml, the summary, the exit code."""
+def _write_reports_and_exit(report, out: Path, github: bool = False) -> None:
+    """Rank 0 (or the one process): report.html, parity.json and junit.xml, the summary, the GitHub Actions step
+    summary and annotations (``github``), the exit code."""
     import time
 
     from reports import write_reports
@@ -278,6 +276,11 @@ def _write_reports_and_exit(report, out: Path) -> None:
     if os.environ.get("PARITY_TIMINGS"):
         sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
     _print_summary(report, paths)
+    if github:
+        from parity.ci import report_to_github
+
+        if problem := report_to_github(report, paths, sys.stdout):
+            err_console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -304,28 +307,47 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _summary_console() -> Console:
+    """Where the summary goes: stdout at the terminal's width; in a log (CI, a pipe), one wide enough that no
+    line is wrapped or cut (rich would otherwise assume 80 columns)."""
+    return console if console.is_terminal else Console(width=100_000, highlight=False)
+
+
 def _print_summary(report, paths) -> None:
+    out = _summary_console()
     table = Table(title=f"parity check: {report.job_name}", title_justify="left")
     for column in ("step", "#", "preview", "verdict", "SSIM", "PSNR", "max", "causes"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # never an ellipsis: a cut file name or cause cannot be found
     for item in report.items:
         outcome = item.outcome.value
         metrics = item.score.metrics if item.score else None
         table.add_row(
-            str(item.step), str(item.prompt_index), item.preview_file,
+            str(item.step), str(item.prompt_index), escape(item.preview_file),
             f"[{VERDICT_STYLE.get(outcome, '')}]{outcome}[/]",
             f"{metrics.ssim:.4f}" if metrics else "-",
             ("inf" if metrics.psnr_db == float("inf") else f"{metrics.psnr_db:.1f}") if metrics else "-",
             str(metrics.max_abs_diff) if metrics else "-",
             ", ".join(c.code for c in item.causes) or "-",
         )
-    console.print(table)
+    out.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items() if v)
-    console.print(f"{counts}  |  noise {report.noise_algorithm} ({report.noise_algorithm_reason})")
+    out.print(escape(f"{counts}  |  noise {report.noise_algorithm} ({report.noise_algorithm_reason})"))
+    for cause in report.job_causes:  # proven by experiment: the answer, first
+        ev = cause.evidence
+        whole = " (the whole mismatch)" if ev.get("complete") else ""
+        out.print(escape(f"  [proven] {cause.title}: explains {ev['explains']} of {ev['of']} mismatched preview(s)"
+                         f"{whole} -> {cause.fix}"))
+    for effect in report.lora_effects:
+        barely = "  the LoRA barely changes the image" if effect["barely"] else ""
+        out.print(escape(f"  LoRA effect at step {effect['step']}: SSIM {effect['ssim_on_vs_off']:.3f} with vs "
+                         f"without, mean {effect['mean_abs_diff']:.2f} levels{barely}"))
+    proven = {c.code for c in report.job_causes}
     for summary in report.causes_summary:
-        console.print(escape(f"  [{summary.severity}] {summary.title}  ({summary.count} preview(s)) -> {summary.fix}"))
-    console.print(f"report: {paths['html']}  json: {paths['json']}  junit: {paths['junit']}")
-    console.print(f"exit code {report.exit_code} (--fail-on {report.fail_on})")
+        if summary.code in proven or summary.code == "diagnosis_tried":
+            continue
+        out.print(escape(f"  [{summary.severity}] {summary.title}  ({summary.count} preview(s)) -> {summary.fix}"))
+    out.print(escape(f"report: {paths['html']}  json: {paths['json']}  junit: {paths['junit']}"))
+    out.print(f"exit code {report.exit_code} (--fail-on {report.fail_on})")
 
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}

@@ -138,6 +138,7 @@ class PreviewResult:
     preview_path: Path | None = None
     replay_png: Path | None = None
     error: str | None = None  # the replay crashed with this message
+    seconds: float | None = None  # wall time this preview's replay and scoring took (None: not measured)
     # The card images (reports.html.save_card_images), made as the replay finished; not part of parity.json.
     card_file: Path | None = field(default=None, repr=False, compare=False)
 
@@ -171,6 +172,7 @@ class PreviewResult:
             "replayable": self.replayable,
             "reason": self.reason,
             "error": self.error,
+            "seconds": self.seconds,
             "score": self.score.to_dict() if self.score is not None else None,
             "causes": [c.to_dict() for c in self.causes],
             "preview_path": str(self.preview_path) if self.preview_path else None,
@@ -192,6 +194,7 @@ class PreviewResult:
             preview_path=data.get("preview_path"),
             replay_png=data.get("replay_png"),
             error=data.get("error"),
+            seconds=data.get("seconds"),
         )
 
 

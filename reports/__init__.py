@@ -90,10 +90,10 @@ def write_reports(report: CheckReport, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     staged: dict[str, tuple[str, Path]] = {}
     try:
-        # report.html goes straight to its temporary file as it is rendered: with its images inlined it can be
-        # hundreds of megabytes, never needed in memory at once.
+        # report.html goes straight to its temporary file as it is rendered: with its images inlined it is
+        # tens of megabytes for a big job, never needed in memory at once.
         html = out / "report.html"
-        staged["html"] = (_staged(html, html_bytes(report)), html)
+        staged["html"] = (_staged(html, html_bytes(report, out)), html)
         for kind, (name, data) in contents.items():
             staged[kind] = (_staged(out / name, [data]), out / name)
         written = {}

@@ -1,12 +1,10 @@
-"""Heatmaps as PNG bytes, with a colormap of our own (dark purple -> red -> yellow, no matplotlib)."""
+"""Heatmaps as RGB arrays, with a colormap of our own (dark purple -> red -> yellow, no matplotlib)."""
 
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 
 # (position, R, G, B): dark for "no difference", bright for "large"; monotonic in lightness, so it also
 # reads in grey scale.
@@ -56,13 +54,6 @@ def _diff_colours() -> np.ndarray:
 def ssim_heatmap(ssim_map: np.ndarray) -> np.ndarray:
     """RGB heatmap of a per-pixel SSIM map: 1 (same) is dark, 0 or below is bright."""
     return colormap(1.0 - np.asarray(ssim_map, dtype=np.float64))
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an H x W x 3 (or H x W) uint8 array as PNG."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def css_gradient(stops: int = 16) -> str:

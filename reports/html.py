@@ -1,13 +1,16 @@
 """``report.html``: one self-contained page (images inlined, CSS and JS inline, no network).
 
 Reading order (after reg-cli and Playwright's reporter): the verdict of the run and the counts first, then the
-worst previews and the causes, the SSIM-over-steps chart, and a card per preview: preview | replay | difference
-| SSIM map side by side, a slider and a blink view, the metrics against their thresholds, the settings the
-replay used, findings and causes with their evidence. Everything that comes from user data is escaped
+worst previews and the causes, a step x prompt overview of thumbnails coloured by verdict (like ai-toolkit's
+sample overview, each linking to its card), the SSIM-over-steps chart, and a card per preview behind filters by
+verdict: preview | replay | difference | SSIM map side by side at display size (``reports/display.py``; the
+full-resolution files open from the card), a slider and a blink view, the metrics against their thresholds, the
+settings the replay used, findings and causes with their evidence. EXACT cards start collapsed: with hundreds of
+previews the page is read for what differs. Everything that comes from user data is escaped
 (jinja2 autoescape); a Content-Security-Policy allows only the page's own script and style (by hash) and data:
 images, so even a missed escape could not load or run anything.
 
-The images of a card (four PNG encodings: most of a big report's time) can be made ahead, where each replay
+The images of a card (reduced and encoded: most of a big report's time) can be made ahead, where each replay
 finishes (``save_card_images``, on every rank under torchrun); rendering then reads them back. The page is the
 same byte for byte either way.
 """
@@ -22,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +41,11 @@ from parity.errors import InputError
 from parity.results import EXIT_CODES, CheckReport, PreviewResult
 from parity.scores import comparison_images, compute_metrics, load_rgb
 from reports.chart import PALETTE, series, ssim_chart
-from reports.heatmap import colormap, diff_heatmap, diff_scale, png_bytes, ssim_heatmap
+from reports.display import average_blocks, data_uri, reduced_size, reduction, thumbnail_uri, worst_of_blocks
+from reports.heatmap import colormap, diff_heatmap, diff_scale, ssim_heatmap
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-_PIXELATED_BELOW = 400  # px: smaller images are shown enlarged with hard pixel edges
+_PIXELATED_BELOW = 400  # px: smaller images (shown as they are) are enlarged with hard pixel edges
 
 OUTCOME_MEANING = {
     "EXACT": "identical decoded pixels",
@@ -86,14 +91,13 @@ class Card:
     failing: bool
     images: dict[str, str] = field(default_factory=dict)  # name -> data: URI
     pixelated: bool = False
-    size: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None  # the preview's own size
+    display: tuple[int, int] | None = None  # the size the card's images are shown at
+    preview_href: str | None = None  # the full-resolution files, relative to report.html
+    replay_href: str | None = None
     image_note: str = ""
     metrics: list[MetricRow] = field(default_factory=list)
     settings: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _data_uri(rgb: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
 
 
 def _anchor(item: PreviewResult, index: int) -> str:
@@ -144,34 +148,38 @@ def _metric_rows(report: CheckReport, item: PreviewResult) -> list[MetricRow]:
 
 @dataclass
 class CardImages:
-    """What a preview card shows as pictures: data: URIs by name (preview, replay, diff, ssim), the preview's size
-    and a note when an image is missing. The costly part of a report (four PNG encodings per preview), so
-    ``parity check`` makes it on its worker thread as each replay finishes (``save_card_images``) and the report
-    only reads it back (``PreviewResult.card_file``)."""
+    """What a preview card shows as pictures: data: URIs by name (preview, replay, diff, ssim at display size;
+    thumb for the overview), the preview's size, the display size and a note when an image is missing. The
+    costly part of a report (reducing and encoding five images per preview), so ``parity check`` makes it on its
+    worker thread as each replay finishes (``save_card_images``) and the report only reads it back
+    (``PreviewResult.card_file``)."""
 
     images: dict[str, str] = field(default_factory=dict)
     size: tuple[int, int] | None = None
     note: str = ""
+    display: tuple[int, int] | None = None
 
     def to_bytes(self) -> bytes:
-        """A card file: a magic line, a JSON line (size, note, image names), then one ``name data:URI`` line per
-        image in that order (megabytes of base64 each: copied as they are into report.html, never parsed)."""
-        head = json.dumps({"size": self.size, "note": self.note, "names": list(self.images)})
+        """A card file: a magic line, a JSON line (sizes, note, image names), then one ``name data:URI`` line per
+        image in that order (copied as they are into report.html, never parsed)."""
+        head = json.dumps({"size": self.size, "display": self.display, "note": self.note,
+                           "names": list(self.images)})
         lines = [CARD_FILE_MAGIC, head] + [f"{name} {uri}" for name, uri in self.images.items()]
         return "\n".join(lines).encode("ascii")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CardImages:
         head, images = card_file_parts(data)
-        return cls({name: data[a:b].decode("ascii") for name, (a, b) in images.items()}, head.size, head.note)
+        return cls({name: data[a:b].decode("ascii") for name, (a, b) in images.items()}, head.size, head.note,
+                   head.display)
 
 
-CARD_FILE_MAGIC = "parity-card 2"
+CARD_FILE_MAGIC = "parity-card 3"
 CARDS_FOLDER = ".parity-cards"  # in the report folder: per-run, consumed (deleted) by write_reports
 
 
 def card_images(item: PreviewResult) -> CardImages:
-    """Inline the preview, the replay encoded like it, and the two heatmaps."""
+    """The preview, the replay encoded like it and the two heatmaps at display size, and the overview thumbnail."""
     card = CardImages()
     if item.preview_path is None or not item.preview_path.is_file():
         card.note = "The preview image is not available."
@@ -179,7 +187,7 @@ def card_images(item: PreviewResult) -> CardImages:
     try:
         if item.score is None or item.replay_png is None or not item.replay_png.is_file():
             preview = load_rgb(item.preview_path)
-            card.images["preview"] = _data_uri(preview)
+            replay = None
             if item.score is not None:
                 card.note = "The replay image is not available."
         else:
@@ -189,15 +197,20 @@ def card_images(item: PreviewResult) -> CardImages:
             diff_map, ssim_map = item.score.diff_map, item.score.ssim_map
             if diff_map is None or ssim_map is None or diff_map.shape != preview.shape[:2]:
                 _, ssim_map, diff_map = compute_metrics(preview, replay)
-            card.images.update(
-                preview=_data_uri(preview),
-                replay=_data_uri(replay),
-                diff=_data_uri(diff_heatmap(diff_map)),
-                ssim=_data_uri(ssim_heatmap(ssim_map)),
-            )
     except InputError as exc:
         return CardImages(note=f"The images could not be read: {exc.line()}")
     card.size = (preview.shape[1], preview.shape[0])
+    factor = reduction(card.size)
+    card.display = reduced_size(card.size, factor)
+    lossy = factor > 1
+    card.images["preview"] = data_uri(average_blocks(preview, factor), lossy)
+    if replay is not None:
+        card.images.update(
+            replay=data_uri(average_blocks(replay, factor), lossy),
+            diff=data_uri(diff_heatmap(worst_of_blocks(diff_map, factor, "max")), lossy),
+            ssim=data_uri(ssim_heatmap(worst_of_blocks(ssim_map, factor, "min")), lossy),
+        )
+    card.images["thumb"] = thumbnail_uri(preview)
     return card
 
 
@@ -226,9 +239,9 @@ def card_file_head(handle) -> CardImages:
     if handle.readline().rstrip(b"\n") != CARD_FILE_MAGIC.encode():
         raise ValueError("not a parity card file of this version")
     head = json.loads(handle.readline())
-    size = head.get("size")
+    size, display = head.get("size"), head.get("display")
     return CardImages({str(name): "" for name in head["names"]}, (int(size[0]), int(size[1])) if size else None,
-                      str(head.get("note") or ""))
+                      str(head.get("note") or ""), (int(display[0]), int(display[1])) if display else None)
 
 
 def card_file_parts(data: bytes) -> tuple[CardImages, dict[str, tuple[int, int]]]:
@@ -271,8 +284,13 @@ def _card_images(card: Card) -> None:
     found = _read_card_file(card.item.card_file) or card_images(card.item)
     card.images = {name: _unchanged_by_escaping(uri) for name, uri in found.images.items()}
     card.image_note = found.note
-    card.size = found.size
-    card.pixelated = found.size is not None and found.size[0] < _PIXELATED_BELOW
+    card.size, card.display = found.size, found.display
+    card.pixelated = _pixelated(found)
+
+
+def _pixelated(images: CardImages) -> bool:
+    """Shown as they are and small: enlarged with hard pixel edges, so each pixel can be seen."""
+    return images.size is not None and images.size == images.display and images.size[0] < _PIXELATED_BELOW
 
 
 def _card_head(card: Card, splice: dict) -> bool:
@@ -289,12 +307,20 @@ def _card_head(card: Card, splice: dict) -> bool:
     token = splice["token"]
     splice["cards"][card.anchor] = card.item
     card.images = {name: Markup(f"{token}{card.anchor}|{name}{token}") for name in head.images}
-    card.image_note, card.size = head.note, head.size
-    card.pixelated = head.size is not None and head.size[0] < _PIXELATED_BELOW
+    card.image_note, card.size, card.display = head.note, head.size, head.display
+    card.pixelated = _pixelated(head)
     return True
 
 
-def _cards(report: CheckReport, splice: dict | None = None) -> list[Card]:
+def _href(path: Path | None, out_dir: Path | None) -> str | None:
+    """A link from report.html (in ``out_dir``) to a file on disk, relative so the folder can move."""
+    if path is None or out_dir is None:
+        return None
+    relative = os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())
+    return urllib.parse.quote(Path(relative).as_posix())
+
+
+def _cards(report: CheckReport, splice: dict | None = None, out_dir: Path | None = None) -> list[Card]:
     cards = []
     for index, item in enumerate(report.items):
         card = Card(
@@ -303,6 +329,8 @@ def _cards(report: CheckReport, splice: dict | None = None) -> list[Card]:
             outcome=item.outcome.value,
             failing=report.is_failure(item),
             settings=_settings_rows(item.settings),
+            preview_href=_href(item.preview_path, out_dir),
+            replay_href=_href(item.replay_png, out_dir) if item.score is not None else None,
         )
         if item.score is not None:
             card.metrics = _metric_rows(report, item)
@@ -311,7 +339,7 @@ def _cards(report: CheckReport, splice: dict | None = None) -> list[Card]:
         cards_left = [card for card in cards if not _card_head(card, splice)]
     else:
         cards_left = cards
-    # Encoding four images per preview is most of a big report's time: cards are independent, so in threads.
+    # Encoding the images is most of a big report's time: cards are independent, so in threads.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(_card_images, cards_left))
     return cards
@@ -353,14 +381,32 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_html(report: CheckReport) -> str:
-    """The text of report.html."""
-    return "".join(html_chunks(report))
+@dataclass
+class OverviewRow:
+    """One training step of the overview: per prompt index (the columns), that step's cards (usually one)."""
+
+    step: int
+    cells: list[list[Card]]
 
 
-def html_chunks(report: CheckReport, splice: dict | None = None) -> Iterator[str]:
-    """The text of report.html in pieces, in order: written out as they come, a big report (hundreds of
-    megabytes of inlined images) is never held as one string. (``splice``: see ``html_bytes``.)"""
+def _overview(cards: list[Card]) -> tuple[list[int], list[OverviewRow]]:
+    """The step x prompt grid of ai-toolkit's sample overview: the prompt indices (columns) and a row per step."""
+    prompts = sorted({card.item.prompt_index for card in cards})
+    steps = sorted({card.item.step for card in cards})
+    cell: dict[tuple[int, int], list[Card]] = {}
+    for card in cards:
+        cell.setdefault((card.item.step, card.item.prompt_index), []).append(card)
+    return prompts, [OverviewRow(step, [cell.get((step, p), []) for p in prompts]) for step in steps]
+
+
+def render_html(report: CheckReport, out_dir: str | Path | None = None) -> str:
+    """The text of report.html (``out_dir``: the folder it will be in, for links to the full-resolution files)."""
+    return "".join(html_chunks(report, out_dir=out_dir))
+
+
+def html_chunks(report: CheckReport, splice: dict | None = None, out_dir: str | Path | None = None) -> Iterator[str]:
+    """The text of report.html in pieces, in order: written out as they come, a big report is never held as one
+    string. (``splice``: see ``html_bytes``; ``out_dir``: see ``render_html``.)"""
     css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
     js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     csp = (
@@ -369,8 +415,9 @@ def html_chunks(report: CheckReport, splice: dict | None = None) -> Iterator[str
         "base-uri 'none'; form-action 'none'"
     )
     chart_series = series(report)
-    cards = _cards(report, splice)
+    cards = _cards(report, splice, Path(out_dir) if out_dir is not None else None)
     card_of = {id(card.item): card for card in cards}
+    prompts, overview = _overview(cards)
     template = _environment().get_template("report.html.jinja")
     return template.generate(
         report=report,
@@ -379,6 +426,8 @@ def html_chunks(report: CheckReport, splice: dict | None = None) -> Iterator[str
         worst=[card_of[id(item)] for item in report.worst()],
         causes=report.causes_summary,
         cards=cards,
+        overview=overview,
+        overview_prompts=prompts,
         chart=ssim_chart(report),
         chart_series=chart_series,
         palette_size=len(PALETTE),
@@ -389,13 +438,12 @@ def html_chunks(report: CheckReport, splice: dict | None = None) -> Iterator[str
     )
 
 
-def html_bytes(report: CheckReport) -> Iterator[bytes | memoryview]:
+def html_bytes(report: CheckReport, out_dir: str | Path | None = None) -> Iterator[bytes | memoryview]:
     """report.html as UTF-8 in pieces, for writing it: the bytes of ``render_html``, but each image made ahead
-    (``save_card_images``) is copied from its card file as it is, never decoded, split or escaped: hundreds of
-    megabytes for a big report."""
+    (``save_card_images``) is copied from its card file as it is, never decoded, split or escaped."""
     splice = {"token": uuid.uuid4().hex, "cards": {}}  # the token marks where an image goes: no text holds it
     token, loaded = splice["token"], {}
-    for chunk in html_chunks(report, splice):
+    for chunk in html_chunks(report, splice, out_dir):
         if token not in chunk:
             yield chunk.encode("utf-8")
             continue

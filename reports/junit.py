@@ -1,7 +1,9 @@
 """``junit.xml``: one test case per preview, for CI systems that show JUnit results.
 
 classname = ``<job name>.step_<step:09d>``, name = the preview file. FAIL (and ERROR) are ``<failure>``/``<error>``;
-DRIFT passes unless the run uses ``--fail-on drift``; a preview that cannot be replayed is ``<skipped>``.
+DRIFT passes unless the run uses ``--fail-on drift``; a preview that cannot be replayed is ``<skipped>``. A case's
+time is the seconds its replay and scoring took (``PreviewResult.seconds``; 0 when not measured), the suite's their
+sum.
 """
 
 from __future__ import annotations
@@ -50,16 +52,25 @@ def _thresholds_text(report: CheckReport) -> str:
     )
 
 
+def _seconds(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None and math.isfinite(value) and value >= 0 else "0"
+
+
+def skip_message(item: PreviewResult) -> str:
+    """Why a preview was not scored, once: the plan's reason already reads "not replayable: ..."."""
+    return item.reason or "not replayed"
+
+
 def _testcase(report: CheckReport, item: PreviewResult) -> ET.Element:
     case = ET.Element(
         "testcase",
         classname=f"{report.job_name}.step_{item.step:09d}",
         name=item.preview_file,
-        time="0",
+        time=_seconds(item.seconds),
     )
     outcome = item.outcome
     if outcome is Outcome.SKIPPED:
-        ET.SubElement(case, "skipped", message=f"not replayable: {item.reason or 'no score'}")
+        ET.SubElement(case, "skipped", message=skip_message(item))
         return case
     if outcome is Outcome.ERROR:
         ET.SubElement(
@@ -85,7 +96,7 @@ def render_junit(report: CheckReport) -> str:
         "failures": str(failures),
         "errors": str(counts[Outcome.ERROR.value]),
         "skipped": str(counts[Outcome.SKIPPED.value]),
-        "time": "0",
+        "time": _seconds(sum(i.seconds for i in report.items if i.seconds is not None)),
         "timestamp": report.created,
     }
     suites = ET.Element("testsuites", {k: v for k, v in attrs.items() if k != "timestamp"})

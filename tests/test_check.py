@@ -76,12 +76,12 @@ def test_card_images_made_as_replays_finish_give_the_same_report(reports):
     assert all(i.score.ssim_map is None and i.score.diff_map is None for i in scored)  # small to gather
     out = scored[0].card_file.parent.parent
     assert scored[0].card_file.parent.name == CARDS_FOLDER
-    precomputed = render_html(report), render_json(report, out)
+    precomputed = render_html(report, out), render_json(report, out)
     files = [i.card_file for i in report.items]
     try:
         for item in report.items:
             item.card_file = None
-        assert (render_html(report), render_json(report, out)) == precomputed
+        assert (render_html(report, out), render_json(report, out)) == precomputed
     finally:
         for item, file in zip(report.items, files, strict=True):
             item.card_file = file

@@ -1,4 +1,5 @@
-"""report.html in a real browser (headless Chromium): no errors, no network, working keyboard controls."""
+"""report.html in a real browser (headless Chromium): no errors, no network, working keyboard controls, verdict
+filters, collapsed EXACT cards and the step x prompt overview."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from test_reports import EXPECTED, XSS_PROMPT, sample_report
 
+from parity.results import Outcome
 from reports import write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,8 +99,8 @@ def test_every_image_is_decoded(page):
 
 
 def test_slider_moves_with_the_keyboard_and_moves_the_overlay(page):
-    slider = page.page.locator("[data-slider] input[type=range]").first
-    overlay = page.page.locator("[data-slider] .over").first
+    slider = page.page.locator("details[open] [data-slider] input[type=range]").first  # EXACT cards are closed
+    overlay = page.page.locator("details[open] [data-slider] .over").first
     clip_before = overlay.evaluate("e => getComputedStyle(e).clipPath")
     value_before = slider.input_value()
     slider.focus()
@@ -111,7 +113,7 @@ def test_slider_moves_with_the_keyboard_and_moves_the_overlay(page):
 
 
 def test_blink_toggles_with_the_keyboard(page):
-    box = page.page.locator("[data-blink]").first
+    box = page.page.locator("details[open] [data-blink]").first
     button, replay, state = box.locator("button"), box.locator(".blink-replay"), box.locator(".blink-state")
     assert replay.is_hidden() and button.get_attribute("aria-pressed") == "false"
     button.focus()
@@ -120,6 +122,67 @@ def test_blink_toggles_with_the_keyboard(page):
     assert state.inner_text() == "Showing: replay"
     page.page.keyboard.press("Space")
     assert replay.is_hidden() and state.inner_text() == "Showing: preview"
+
+
+def test_exact_cards_start_collapsed_and_the_others_open(page, report_file):
+    report, _ = report_file
+    opened = page.page.eval_on_selector_all("article.card", "cards => cards.map(c => c.querySelector('details.body').open)")
+    assert opened == [item.outcome is not Outcome.EXACT for item in report.items]
+    exact = page.page.locator("article.card.EXACT").first
+    assert exact.locator(".images").is_hidden() and exact.locator(".prompt").is_visible()
+    exact.locator("summary").click()
+    assert exact.locator(".images").is_visible()
+
+
+def test_verdict_filters_hide_and_show_cards(page, report_file):
+    report, _ = report_file
+    fail = page.page.locator("[data-filters] input[value=FAIL]")
+    labels = page.page.locator("[data-filters] label").all_inner_texts()
+    assert [label.split() for label in labels] == [[o, str(n)] for o, n in EXPECTED.items()]
+    assert page.page.locator(".filter-state").inner_text() == "8 of 8 previews shown"
+    fail.uncheck()
+    hidden = page.page.eval_on_selector_all("article.card", "cards => cards.map(c => c.hidden)")
+    assert hidden == [item.outcome is Outcome.FAIL for item in report.items]
+    assert page.page.locator("article.card.FAIL").first.is_hidden()
+    assert page.page.locator(".filter-state").inner_text() == "6 of 8 previews shown"
+    fail.check()
+    assert page.page.locator("article.card:visible").count() == len(report.items)
+
+
+def test_overview_lays_out_steps_by_prompts_each_thumbnail_in_its_verdicts_colour(page, report_file):
+    report, _ = report_file
+    assert page.page.locator("#overview thead th").all_inner_texts() == ["step", "prompt 0", "prompt 1", "prompt 2"]
+    rows = page.page.locator("#overview tbody tr")
+    assert [rows.nth(r).locator("th").inner_text() for r in range(rows.count())] == ["0", "250", "500"]
+    colours = {"EXACT": "rgb(11, 107, 58)", "FAIL": "rgb(197, 34, 31)", "ERROR": "rgb(142, 36, 170)"}
+    for item in report.items:
+        row = ["0", "250", "500"].index(str(item.step))
+        thumb = rows.nth(row).locator("td").nth(item.prompt_index).locator("a.thumb")
+        card_id = thumb.get_attribute("href")[1:]
+        card = page.page.locator(f"article.card[id='{card_id}']")
+        assert item.preview_file in card.locator("h3").inner_text()
+        assert thumb.get_attribute("class") == f"thumb {item.outcome.value}"
+        assert thumb.locator(".tag").inner_text() == item.outcome.value
+        if item.outcome.value in colours:
+            assert thumb.evaluate("a => getComputedStyle(a).borderTopColor") == colours[item.outcome.value]
+    # The first screen still leads with the banner and the worst previews; the overview follows the summary.
+    banner, worst = page.page.locator("#summary .banner"), page.page.locator("#summary table").first
+    assert banner.bounding_box()["y"] < worst.bounding_box()["y"] < 900
+    assert page.page.locator("#summary").bounding_box()["y"] < page.page.locator("#overview").bounding_box()["y"]
+    assert page.page.locator("#overview").bounding_box()["y"] < page.page.locator("#chart").bounding_box()["y"]
+
+
+def test_a_thumbnail_opens_its_card_even_when_filtered_out_or_collapsed(page):
+    page.page.locator("[data-filters] input[value=EXACT]").uncheck()
+    card = page.page.locator("article.card.EXACT").first
+    assert card.is_hidden()
+    card_id = card.get_attribute("id")
+    page.page.locator(f"#overview a[href='#{card_id}']").click()
+    assert card.is_visible() and card.locator("details.body").evaluate("d => d.open")
+    assert page.page.locator("[data-filters] input[value=EXACT]").is_checked()
+    assert page.page.evaluate("location.hash") == f"#{card_id}"
+    top = card.bounding_box()["y"]
+    assert 0 <= top < 900  # scrolled to it
 
 
 def test_static_parts_read_without_javascript(browser, report_file):
@@ -131,6 +194,8 @@ def test_static_parts_read_without_javascript(browser, report_file):
         assert page.locator("#summary .banner").inner_text().startswith("Parity failed")
         assert page.locator("svg.chart circle").count() == sum(1 for i in report.items if i.score)
         assert page.locator(".interactive").first.is_hidden()  # needs JS, so it is not shown
+        assert page.locator(".filters").is_hidden() and page.locator("article.card:visible").count() == len(report.items)
+        assert page.locator("#overview a.thumb").count() == len(report.items)
         static = page.evaluate(
             "Array.from(document.querySelectorAll('.images img')).map(i => i.naturalWidth)"
         )

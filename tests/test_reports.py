@@ -17,7 +17,7 @@ from parity.errors import InputError
 from parity.results import EXIT_CODES, Cause, CheckReport, Outcome, PreviewResult, exit_code_for
 from parity.scores import Thresholds, score_replay
 from reports import write_reports
-from reports.heatmap import colormap, diff_heatmap, png_bytes
+from reports.heatmap import colormap, diff_heatmap
 from reports.json_report import load_schema, render_json
 
 XSS_PROMPT = '<script>alert("xss")</script> a cat "><img src=x onerror=alert(1)> --n blurry'
@@ -180,10 +180,10 @@ def test_card_images_made_ahead_give_the_same_page_and_a_damaged_card_file_none_
     from reports.html import CARDS_FOLDER, render_html, save_card_images
 
     report, out = sample_report(tmp_path)
-    expected = render_html(report)
+    expected = render_html(report, out)
     for item in report.items:
         item.card_file = save_card_images(item, out)
-    assert render_html(report) == expected
+    assert render_html(report, out) == expected
     assert write_reports(report, out)["html"].read_text(encoding="utf-8") == expected
     assert not (out / CARDS_FOLDER).exists()
 
@@ -321,6 +321,23 @@ def test_junit_drift_fails_only_with_fail_on_drift(tmp_path):
     assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (8, 3, 1, 1)
 
 
+def test_junit_times_are_each_previews_seconds_and_a_skip_says_why_once(tmp_path):
+    report, out = sample_report(tmp_path)
+    for n, item in enumerate(report.items):
+        item.seconds = None if item.outcome is Outcome.SKIPPED else 1.25 * (n + 1)
+    skipped = next(i for i in report.items if i.outcome is Outcome.SKIPPED)
+    skipped.reason = "not replayable: checkpoint og2_000000500.safetensors deleted"  # as the plan words it
+    paths = write_reports(report, out)
+    cases = _cases(paths["junit"])
+    assert [c.time for c in cases] == [i.seconds or 0 for i in report.items]
+    suite = next(iter(JUnitXml.fromfile(str(paths["junit"]))))
+    assert suite.time == pytest.approx(sum(i.seconds or 0 for i in report.items))
+    skip = next(r for c in cases for r in c.result if isinstance(r, Skipped))
+    assert skip.message == "not replayable: checkpoint og2_000000500.safetensors deleted"
+    back = CheckReport.from_dict(json.loads(paths["json"].read_text()))
+    assert [i.seconds for i in back.items] == [i.seconds for i in report.items]
+
+
 def test_exit_code_follows_fail_on():
     assert exit_code_for({"DRIFT": 2, "PASS": 3}, "fail") == 0
     assert exit_code_for({"DRIFT": 2, "PASS": 3}, "drift") == 1
@@ -367,6 +384,56 @@ def test_html_reads_in_order_with_one_card_per_preview(written):
     assert "gaussian_weights=True" in html  # the SSIM convention
 
 
+def _decoded(uri: str) -> Image.Image:
+    import base64
+    import io
+
+    head, data = uri.split(",", 1)
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def test_a_large_preview_is_shown_at_display_size_with_its_full_resolution_files_linked(tmp_path):
+    """1024x768: every image of the card reduced by 3 to 342x256 WebP, the difference heatmap keeping a single
+    changed pixel visible in its block; the thumbnail at most 96 px; the full-size files linked relatively."""
+    from reports.html import card_images
+
+    samples, out = tmp_path / JOB / "samples", tmp_path / "out"
+    samples.mkdir(parents=True)
+    (out / "replays").mkdir(parents=True)
+    truth = _scene(1024, 768, seed=3)
+    Image.fromarray(truth).save(samples / "big.png")  # lossless: the changed pixel is the only difference
+    replay = truth.copy()
+    replay[500, 700] = 255 - replay[500, 700]
+    item = PreviewResult("big.png", 250, 0, {"prompt": "big"}, preview_path=samples / "big.png",
+                         replay_png=out / "replays" / "big-0123.png", score=score_replay(samples / "big.png", replay))
+    Image.fromarray(replay).save(item.replay_png)
+    card = card_images(item)
+    assert card.size == (1024, 768) and card.display == (342, 256)
+    for name in ("preview", "replay", "diff", "ssim"):
+        image = _decoded(card.images[name])
+        assert card.images[name].startswith("data:image/webp;base64,") and image.size == (342, 256)
+    diff = np.asarray(_decoded(card.images["diff"]).convert("L"), dtype=float)
+    assert diff[500 // 3, 700 // 3] > np.median(diff) + 100  # one pixel of 1024x768, still bright at 342x256
+    assert max(_decoded(card.images["thumb"]).size) == 96
+
+    report = CheckReport(tool_version="0.1.0", job_dir=str(tmp_path / JOB), job_name=JOB, base_model="m",
+                         device="cpu", dtype="bf16", pipeline_profile="p", noise_algorithm="n",
+                         noise_algorithm_reason="r", items=[item])
+    html = write_reports(report, out)["html"].read_text()
+    assert 'width="342" height="256"' in html and "Shown at 342×256" in html
+    links = re.findall(r'<a[^>]* href="([^"#][^"]*)"', html)
+    assert links and "replays/big-0123.png" in links and f"../{JOB}/samples/big.png" in links
+    assert all((out / link).is_file() for link in links)
+
+
+def test_small_previews_stay_lossless_png(written):
+    report, paths = written
+    html = paths["html"].read_text()
+    assert "data:image/webp" not in html and "Shown at" not in html  # 96x64: every pixel shown as it is
+
+
 # --- heatmap helper ------------------------------------------------------------------------------------------
 
 
@@ -385,12 +452,12 @@ def test_difference_heatmap_of_levels_is_the_colormap_of_each_level():
     assert np.array_equal(diff_heatmap(levels.astype(np.int16)), diff_heatmap(levels))
 
 
-def test_heatmap_png_round_trips():
+def test_a_heatmap_shown_as_it_is_round_trips_losslessly():
+    from reports.display import data_uri
+
     diff = np.array([[0, 1, 8], [32, 128, 255]], dtype=np.uint8)
     rgb = diff_heatmap(diff)
-    import io
-
-    with Image.open(io.BytesIO(png_bytes(rgb))) as im:
+    with _decoded(data_uri(rgb, lossy=False)) as im:
         assert im.format == "PNG" and im.size == (3, 2)
         assert np.array_equal(np.asarray(im), rgb)
     assert not math.isclose(rgb[0, 1].sum(), rgb[0, 0].sum())  # a 1-level difference is visible
