@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from parity import __version__, distributed
+from parity.cache import read_replay
+from parity.cache import write_replay as save_png_atomic
 from parity.causes import LintContext, item_causes, lora_keys_cause
 from parity.diagnose import bisect, floor_cause, noise_floor
 from parity.errors import InputError
@@ -82,18 +82,6 @@ def settings_of(item: ReplayItem) -> dict:
     return {k: getattr(item, k) for k in keys}
 
 
-def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[str], None] | None = None):
     """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
     dist = distributed.current()
@@ -124,9 +112,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
         if key in fresh:
             return fresh[key]
         png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
-        if options.use_cache and png.is_file():
-            return np.array(Image.open(png).convert("RGB"))
-        return None
+        return read_replay(png) if options.use_cache else None
 
     def merged(scores: dict) -> dict:
         return {name: values for part in dist.all_gather(scores) for name, values in part.items()}
@@ -226,8 +212,8 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
                     png = replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
                     if key in fresh:
                         get, save = (lambda k=key: fresh.pop(k)), False
-                    elif options.use_cache and png.is_file():
-                        get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
+                    elif options.use_cache and (cached := read_replay(png)) is not None:
+                        get, save = (lambda c=cached: c), False
                     else:  # queue the replay; its decode, PNG and score finish while the next one runs
                         get, save = replayer.replay(item, deferred=True).wait, True
                     finishing.append((index, worker.submit(finish, item, causes, preview_path, info, png, get, save)))
