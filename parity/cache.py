@@ -18,25 +18,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from parity.errors import InputError
-from parity.safe_io import open_image, output_errors
+from parity.safe_io import atomic_file, open_image, output_errors
 
 DIGEST_KEY = "parity-pixels-sha256"
 log = logging.getLogger(__name__)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() gives an ordinary file: the reports' mode
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
@@ -60,18 +50,8 @@ def write_replay(path: str | Path, pixels: np.ndarray) -> None:
     info.add_text(DIGEST_KEY, pixel_digest(pixels))
     with output_errors(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-        try:
-            os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600
-            with os.fdopen(fd, "wb") as handle:
-                Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(
-                    handle, format="PNG", pnginfo=info)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with atomic_file(path) as handle:
+        Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(handle, format="PNG", pnginfo=info)
 
 
 def replay_problem(path: str | Path) -> tuple[np.ndarray | None, str | None]:

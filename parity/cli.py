@@ -100,10 +100,15 @@ def plan_command(
 def _write_outside_job(out: Path, job_dir: Path, text: str) -> None:
     if out.resolve().is_relative_to(job_dir.resolve()):
         raise InputError(out, "refusing to write inside the job folder: parity never changes a job folder")
-    from parity.safe_io import output_errors
+    from parity.safe_io import atomic_file, output_errors
 
-    with output_errors(out, "the plan"):
-        out.write_text(text, encoding="utf-8")
+    if out.exists() and not out.is_file():  # /dev/stderr, a FIFO: a stream, written as one
+        with output_errors(out, "the plan"), open(out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    target = out.resolve() if out.is_symlink() else out  # replace the file a link points to, not the link
+    with atomic_file(target, "the plan") as handle:  # a full disk leaves no half-written plan
+        handle.write(text.encode("utf-8"))
 
 
 def _print_plan(plan) -> None:
@@ -165,6 +170,8 @@ def _parse_lora_overrides(values: list[str], plan) -> dict[int, Path]:
         path = Path(file).expanduser()
         if (problem := regular_file_problem(path)) is not None:
             raise InputError(path, f"LoRA file given with --lora {'not found' if problem == 'not found' else problem}")
+        if path.suffix.lower() != ".safetensors":
+            raise InputError(path, "--lora needs a .safetensors file (parity never loads pickles)")
         if int(step) not in steps:
             raise InputError(path, f"--lora {value}: no preview at step {int(step)}, so this LoRA would replay "
                                    f"nothing (previews at steps {', '.join(map(str, steps))})")
@@ -240,11 +247,22 @@ def check_command(
         raise InputError(None, f"--fail-on must be fail or drift, got {fail_on!r}")
     if pipeline not in ("aitoolkit", "server"):
         raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
+    if kernel_search < 1:
+        raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
+    _check_device_name(device)
     # Every problem the files can show is found before torch is imported and the model loaded.
     plan = build_plan(job_dir, assets)
     check_out_dir(out, plan.job_dir)
     lora_overrides = _parse_lora_overrides(lora or [], plan)
     _check_preview_headers(plan)
+    from parity.scores import Thresholds
+
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
+        pass_min_psnr_db=psnr_pass if psnr_pass is not None else defaults.pass_min_psnr_db,
+        drift_min_ssim=ssim_drift if ssim_drift is not None else defaults.drift_min_ssim,
+    )
     try:
         apply_cpu_profile(cpu_profile)
     except (ValueError, RuntimeError) as exc:
@@ -252,11 +270,8 @@ def check_command(
     from parity.check import CheckOptions, run_check
     from parity.errors import EnvironmentProblem
     from parity.replay import ReplayOptions
-    from parity.scores import Thresholds
 
     device = _resolve_device(device)
-    if kernel_search < 1:
-        raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
     if kernels != "auto":
         from pipelines.omnigen2.kernels import parse_profile
 
@@ -274,12 +289,6 @@ def check_command(
 
             if problem := available():
                 raise EnvironmentProblem(None, f"--kernels triton: {problem}")
-    defaults = Thresholds()
-    thresholds = Thresholds(
-        pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
-        pass_min_psnr_db=psnr_pass if psnr_pass is not None else defaults.pass_min_psnr_db,
-        drift_min_ssim=ssim_drift if ssim_drift is not None else defaults.drift_min_ssim,
-    )
     options = CheckOptions(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
                              lora_overrides=lora_overrides, reproduce_drift=not no_drift,
@@ -351,7 +360,13 @@ def _check_noise_name(noise: str) -> None:
         raise InputError(None, f"--noise must be auto or one of {', '.join(ALGORITHMS)}, got {noise!r}")
 
 
+def _check_device_name(device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise InputError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
+
+
 def _resolve_device(device: str) -> str:
+    _check_device_name(device)
     import torch
 
     from parity.errors import EnvironmentProblem
@@ -362,8 +377,6 @@ def _resolve_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise EnvironmentProblem(None, "--device cuda was asked for but torch sees no CUDA device")
         return device
-    if device != "cpu":
-        raise InputError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
     return device
 
 
@@ -573,4 +586,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _error_line(text: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    """``error: TEXT`` as exactly one line: control characters in it (a file name with a newline) are escaped."""
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False, soft_wrap=True)

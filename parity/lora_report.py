@@ -136,10 +136,10 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
     Raises InputError for a file that is missing, not safetensors, a pickle or corrupt, or a base model folder
     that is not OmniGen2; EnvironmentProblem for a base model that is not on this machine.
     """
+    path = Path(path)
+    header = _check_file(path)  # a file that is no LoRA is refused before torch is imported
     from pipelines.omnigen2.lora import linear_modules
 
-    path = Path(path)
-    header = _check_file(path)
     skeleton = transformer_skeleton(base_model)
     lora, keys = match_against(path, skeleton)
     layers = linear_modules(skeleton[0])

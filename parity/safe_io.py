@@ -266,6 +266,37 @@ def output_errors(path: str | Path, what: str = "the report folder") -> Iterator
         raise output_error(path, exc, what) from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives an ordinary file: the reports' and the replays' mode
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, what: str = "the report folder") -> Iterator[IO[bytes]]:
+    """A binary handle whose bytes become ``path`` only when the block completes: written to a temporary file
+    in the same folder, flushed to disk, given :data:`FILE_MODE`, then renamed over ``path``. Readers see the
+    old file or the whole new one; on any error (OutputError for an OSError) nothing is left behind."""
+    import tempfile
+
+    path = Path(path)
+    with output_errors(path, what):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 def check_out_dir(out_dir: str | Path, job_dir: str | Path | None = None) -> None:
     """Fail now, not after the replays, when ``out_dir`` cannot become the report folder; writes nothing.
 

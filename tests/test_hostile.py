@@ -1,0 +1,342 @@
+"""Hostile and broken inputs (issue 13): every one ends in its documented exit code and one clear line, no
+traceback, the job folder byte-identical, nothing written outside ``--out``, nothing executed.
+
+``test_hostile_input`` runs the corpus of ``hostile_inputs.py`` (one subprocess per case, several at a time).
+The scenario tests replay for real, with ``--steps 0 --no-diagnose`` on the tiny model: a run killed half way
+and resumed, Ctrl-C, a corrupt replay cache, and two runs into one ``--out``. They run in the background while
+the corpus runs, since each spends most of its time loading the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile_inputs import CASES, Ctx, check_argv, run_case, strict_json, tree_state
+from PIL import Image
+
+from parity import cache
+from parity.errors import OutputError
+from parity.safe_io import FILE_MODE
+
+PARALLEL = 3  # subprocesses at a time (mostly interpreter start-up: it overlaps well even on 2 cores)
+STEP0_PREVIEWS = 3  # og2_basic's step-0 previews: what `--steps 0` replays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the corpus
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict[str, Future]:
+    """The replaying scenarios, started first so that they overlap the corpus; each a Future of its runs."""
+    root = tmp_path_factory.mktemp("scenarios")
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scenario")
+    resumed = pool.submit(kill_then_resume, root / "resume")
+    futures = {"resume": resumed, "interrupt": pool.submit(interrupt, root / "interrupt")}
+    futures["shared"] = pool.submit(lambda: two_runs_on_a_damaged_cache(root / "shared", resumed.result()))
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, scenarios) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("hostile")
+    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="hostile") as pool:
+        futures = {case.id: pool.submit(run_case, case, root / case.id) for case in CASES}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def assert_one_clean_line(stderr: str, says: str | None = None) -> None:
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    if says is not None:
+        assert says in lines[0], stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kind.split()[0]}-{c.id}" for c in CASES])
+def test_hostile_input(corpus, case):
+    result = corpus[case.id]
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    where = f"parity {' '.join(result['argv'])}\nstdout: {result['stdout'][-2000:]}\nstderr: {result['stderr']}"
+    assert result["code"] in case.codes, where
+    assert "Traceback" not in result["stderr"] + result["stdout"], where
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert len(lines) == case.stderr_lines, where
+    if case.says is not None:
+        assert case.says in (lines[0] if lines else result["stdout"]), where
+    if case.stdout_says is not None:
+        assert case.stdout_says in result["stdout"], where
+    if case.stdout_json is not None:
+        assert case.stdout_json(strict_json(result["stdout"])), where
+    # The job folder byte-identical, nothing written outside --out (HOME and TMPDIR included), nothing run.
+    assert result["changed"] == [], where
+
+
+def test_the_corpus_covers_every_class_of_issue_13():
+    kinds = {case.kind.split()[0] for case in CASES}
+    assert {str(n) for n in range(1, 11) if n != 3} <= kinds  # 3 (the replay cache) is the scenario tests'
+    assert len(CASES) >= 100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scenarios that replay: kill and resume, Ctrl-C, a corrupt cache, two runs into one --out
+
+
+def scenario_ctx(root: Path) -> Ctx:
+    root.mkdir(parents=True)
+    ctx = Ctx(root)
+    ctx.prepare()
+    return ctx
+
+
+def start(ctx: Ctx, out: Path | None = None) -> subprocess.Popen:
+    argv = check_argv(ctx, "--steps", "0", "--no-diagnose", out=out)
+    return subprocess.Popen([sys.executable, "-m", "parity", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ctx.env(), cwd=ctx.root, stdin=subprocess.DEVNULL)
+
+
+def finish(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=300)
+    return {"code": process.returncode, "stdout": out, "stderr": err}
+
+
+def replays(out: Path) -> dict[str, os.stat_result]:
+    folder = out / "replays"
+    return {p.name: p.stat() for p in folder.glob("[!.]*.png")} if folder.is_dir() else {}
+
+
+def wait_for_first_replay(process: subprocess.Popen, out: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not replays(out):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no replay appeared (exit {process.poll()}): {process.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+
+
+def kill_then_resume(root: Path) -> dict:
+    """A run killed (SIGKILL: no clean-up at all) once its first replay landed, then the same command again."""
+    ctx = scenario_ctx(root)
+    job_before = tree_state(ctx.job)
+    killed = start(ctx)
+    wait_for_first_replay(killed, ctx.out)
+    killed.kill()
+    killed.wait()
+    survivors = replays(ctx.out)
+    resumed = finish(start(ctx))
+    return {"ctx": ctx, "killed": killed.returncode, "survivors": survivors, "resumed": resumed,
+            "after": replays(ctx.out), "job_unchanged": tree_state(ctx.job) == job_before}
+
+
+def interrupt(root: Path) -> dict:
+    """Ctrl-C (SIGINT) once the first replay has landed."""
+    ctx = scenario_ctx(root)
+    process = start(ctx)
+    wait_for_first_replay(process, ctx.out)
+    process.send_signal(signal.SIGINT)
+    return {"ctx": ctx, **finish(process)}
+
+
+def damage(out: Path) -> dict[str, str]:
+    """Truncate one cached replay and put a valid all-black PNG (no digest) in place of another."""
+    truncated, blackened = sorted((out / "replays").glob("[!.]*.png"))[:2]
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with Image.open(blackened) as image:
+        Image.new("RGB", image.size).save(blackened)
+    return {"truncated": truncated.name, "blackened": blackened.name}
+
+
+def two_runs_on_a_damaged_cache(root: Path, resumed: dict) -> dict:
+    """Two runs at once into one --out whose cache has a truncated and a blackened replay (copied from the
+    resumed run's complete cache): both must see the damage, replay those two, and leave a sound cache."""
+    ctx = scenario_ctx(root)
+    shutil.copytree(resumed["ctx"].out / "replays", ctx.out / "replays", ignore=shutil.ignore_patterns(".tmp-*"))
+    damaged = damage(ctx.out)
+    first, second = start(ctx), start(ctx)
+    return {"ctx": ctx, "damaged": damaged, "runs": [finish(first), finish(second)]}
+
+
+def parity_json(out: Path) -> dict:
+    return strict_json((out / "parity.json").read_text())
+
+
+def test_killed_run_resumes_and_replays_only_what_is_missing(scenarios):
+    result = scenarios["resume"].result()
+    out = result["ctx"].out
+    assert result["killed"] == -signal.SIGKILL and result["survivors"]
+    assert result["resumed"]["code"] == 0, result["resumed"]["stderr"]
+    assert "Traceback" not in result["resumed"]["stderr"]
+    # What the killed run finished is reused untouched; the rest was replayed; nothing half-written remains
+    # under a replay's name (a temporary file of the killed run may, never read).
+    for name, before in result["survivors"].items():
+        assert result["after"][name].st_mtime_ns == before.st_mtime_ns, name
+    assert len(result["after"]) == STEP0_PREVIEWS
+    for name in result["after"]:
+        assert cache.replay_problem(out / "replays" / name)[1] is None, name
+    assert parity_json(out)["counts"]["EXACT"] == STEP0_PREVIEWS
+    assert result["job_unchanged"]
+
+
+def test_replays_are_written_with_the_reports_mode(scenarios):
+    out = scenarios["resume"].result()["ctx"].out
+    report_mode = (out / "report.html").stat().st_mode & 0o777
+    assert {p.stat().st_mode & 0o777 for p in (out / "replays").glob("[!.]*.png")} == {report_mode}
+    assert report_mode == FILE_MODE
+
+
+def test_ctrl_c_exits_130_with_how_to_resume(scenarios):
+    result = scenarios["interrupt"].result()
+    assert result["code"] == 130, result["stderr"]
+    assert_one_clean_line(result["stderr"], "interrupted: re-run the same command to resume")
+    for png in (result["ctx"].out / "replays").glob("[!.]*.png"):  # what finished is complete and verifies
+        assert cache.replay_problem(png)[1] is None, png
+
+
+def test_corrupt_cache_files_are_replayed_again_with_a_warning(scenarios):
+    result = scenarios["shared"].result()
+    first = result["runs"][0]
+    assert first["code"] == 0, first["stderr"]
+    assert "Traceback" not in first["stderr"]
+    warnings = [line for line in first["stderr"].splitlines() if line.startswith("warning: replay cache:")]
+    assert len(warnings) == 2, first["stderr"]
+    assert any(result["damaged"]["truncated"] in w and "cannot be decoded" in w for w in warnings), warnings
+    assert any(result["damaged"]["blackened"] in w and "no pixel digest" in w for w in warnings), warnings
+    out = result["ctx"].out
+    for png in (out / "replays").glob("[!.]*.png"):
+        assert cache.replay_problem(png)[1] is None, png
+    assert parity_json(out)["counts"]["EXACT"] == STEP0_PREVIEWS  # not FAIL with invented causes
+
+
+def test_two_concurrent_runs_into_one_out(scenarios):
+    result = scenarios["shared"].result()
+    for run in result["runs"]:
+        assert run["code"] == 0, run["stderr"]
+        assert "Traceback" not in run["stderr"]
+    out = result["ctx"].out
+    assert parity_json(out)["exit_code"] == 0 and (out / "report.html").stat().st_size > 0
+    assert not list(out.glob(".*.tmp")) and not list((out / "replays").glob(".tmp-*"))
+    assert len(list((out / "replays").glob("[!.]*.png"))) == STEP0_PREVIEWS
+    for png in (out / "replays").glob("[!.]*.png"):
+        assert cache.replay_problem(png)[1] is None, png
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the replay cache, file by file (in this process)
+
+
+def pixels() -> np.ndarray:
+    return np.random.default_rng(7).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+
+
+def written(tmp_path: Path) -> Path:
+    path = tmp_path / "replays" / "p-0123456789abcdef.png"
+    cache.write_replay(path, pixels())
+    return path
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def zero_length(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def black_without_digest(path: Path) -> None:
+    Image.new("RGB", (32, 24)).save(path)
+
+
+def one_pixel_changed_digest_kept(path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    with Image.open(path) as image:
+        digest = image.info[cache.DIGEST_KEY]
+        changed = np.array(image.convert("RGB"))
+    changed[0, 0] ^= 1
+    info = PngImagePlugin.PngInfo()
+    info.add_text(cache.DIGEST_KEY, digest)
+    Image.fromarray(changed).save(path, pnginfo=info)
+
+
+def jpeg_under_the_name(path: Path) -> None:
+    Image.fromarray(pixels()).save(path, format="JPEG")
+
+
+def replaced_by_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def replaced_by_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def header_bomb(path: Path) -> None:
+    from hostile_inputs import png_with_header_size
+
+    path.write_bytes(png_with_header_size(60000, 60000))
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+
+
+DAMAGE = {f.__name__: f for f in (truncate, zero_length, black_without_digest, one_pixel_changed_digest_kept,
+                                  jpeg_under_the_name, replaced_by_fifo, replaced_by_folder, header_bomb, garbage)}
+
+
+def test_a_written_replay_reads_back_verified(tmp_path):
+    path = written(tmp_path)
+    assert np.array_equal(cache.read_replay(path), pixels())
+    assert not list(path.parent.glob(".tmp-*"))
+
+
+def test_a_missing_replay_is_a_plain_miss(tmp_path, caplog):
+    assert cache.read_replay(tmp_path / "none.png") is None and not caplog.records
+
+
+@pytest.mark.parametrize("damaged", list(DAMAGE))
+def test_a_damaged_replay_is_never_trusted_and_the_warning_says_why(tmp_path, caplog, damaged):
+    path = written(tmp_path)
+    DAMAGE[damaged](path)
+    assert cache.read_replay(path) is None
+    (record,) = caplog.records
+    assert str(path) in record.getMessage() and "replaying it again" in record.getMessage()
+    if not path.is_dir():  # the new replay takes the bad file's place and is trusted again
+        cache.write_replay(path, pixels())
+        assert np.array_equal(cache.read_replay(path), pixels())
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_failed_replay_write_is_one_output_error_and_leaves_nothing(tmp_path, monkeypatch, errno_name):
+    import errno
+
+    def refuse(*args, **kwargs):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputError) as raised:
+        cache.write_replay(tmp_path / "replays" / "x.png", pixels())
+    assert raised.value.exit_code == (3 if errno_name == "ENOSPC" else 2)
+    assert "\n" not in raised.value.line()
+    assert list((tmp_path / "replays").iterdir()) == []
+
+
+def test_json_written_anywhere_has_no_nan_tokens():
+    from parity.safe_io import json_safe
+
+    data = {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}
+    assert json.loads(json.dumps(json_safe(data), allow_nan=False)) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
