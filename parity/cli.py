@@ -349,7 +349,7 @@ def _write_reports_and_exit(report, out: Path) -> None:
         sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
     _print_summary(report, paths)
     if report.nothing_checked:
-        err_console.print(f"[bold red]error:[/] {escape(report.nothing_checked)}", highlight=False, soft_wrap=True)
+        _error_line(report.nothing_checked)
     raise typer.Exit(report.exit_code)
 
 
@@ -554,7 +554,6 @@ def main(argv: list[str] | None = None) -> None:
     logger = logging.getLogger("parity")
     if not any(isinstance(h, _WarningLine) for h in logger.handlers):
         logger.addHandler(_WarningLine(logging.WARNING))
-        logger.propagate = False
     try:
         code = app(args=args, prog_name="parity", standalone_mode=False)  # a typer.Exit's code is returned
     except ParityError as exc:

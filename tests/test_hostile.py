@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile_inputs import CASES, Ctx, check_argv, run_case, strict_json, tree_state
+from hostile_inputs import CASES, SOURCE_JOB, Ctx, check_argv, run_case, strict_json, tree_state
 from PIL import Image
 
 from parity import cache
@@ -340,3 +340,45 @@ def test_json_written_anywhere_has_no_nan_tokens():
 
     data = {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}
     assert json.loads(json.dumps(json_safe(data), allow_nan=False)) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the corpus cannot provoke from outside: a bug in parity, and Ctrl-C at a known point (in this process)
+
+
+def run_main(monkeypatch, capsys, failure: BaseException, *args: str) -> tuple[int, str]:
+    """``parity plan JOB`` with planning made to raise ``failure``: (exit code, stderr)."""
+    from parity import cli, plan
+
+    def broken(*_, **__):
+        raise failure
+
+    monkeypatch.setattr(plan, "build_plan", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", str(SOURCE_JOB), *args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_an_internal_bug_exits_4_in_one_line_naming_it(monkeypatch, capsys):
+    monkeypatch.delenv("PARITY_DEBUG", raising=False)
+    code, err = run_main(monkeypatch, capsys, ZeroDivisionError("division by zero"))
+    assert code == 4
+    assert_one_clean_line(err, "internal error (a bug in parity, exit 4): ZeroDivisionError: division by zero")
+    assert "--debug shows the traceback" in err
+
+
+def test_debug_anywhere_adds_the_traceback_of_an_internal_bug(monkeypatch, capsys):
+    code, err = run_main(monkeypatch, capsys, ZeroDivisionError("division by zero"), "--debug")
+    assert code == 4 and "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
+
+
+def test_ctrl_c_anywhere_in_a_command_exits_130_with_how_to_resume(monkeypatch, capsys):
+    import signal as signals
+
+    handler = signals.getsignal(signals.SIGINT)
+    try:
+        code, err = run_main(monkeypatch, capsys, KeyboardInterrupt())
+    finally:
+        signals.signal(signals.SIGINT, handler)
+    assert code == 130
+    assert_one_clean_line(err, "interrupted: re-run the same command to resume")
