@@ -382,3 +382,20 @@ def test_ctrl_c_anywhere_in_a_command_exits_130_with_how_to_resume(monkeypatch, 
         signals.signal(signals.SIGINT, handler)
     assert code == 130
     assert_one_clean_line(err, "interrupted: re-run the same command to resume")
+
+
+def test_check_names_nan_weights_as_the_cause_of_the_previews_they_made(tmp_path):
+    from hostile_inputs import CHECKPOINT_2, TINY, nan_lora
+
+    from parity.causes import LintContext, item_causes
+    from parity.jobfolder import read_job_folder
+    from parity.plan import build_plan
+
+    ctx = scenario_ctx(tmp_path / "case")
+    shutil.move(nan_lora(ctx), ctx.job / CHECKPOINT_2)
+    plan = build_plan(ctx.job)
+    lint = LintContext(job=read_job_folder(ctx.job), base_model=str(TINY))
+    causes = {item.step: [c for c in item_causes(plan, item, lint) if c.code == "lora_nonfinite"]
+              for item in plan.items}
+    assert [c.severity for c in causes[2]] == ["error"] and "3 in all" in causes[2][0].title
+    assert causes[0] == [] and causes[4] == []  # the base model and the step-4 checkpoint are finite
