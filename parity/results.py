@@ -267,8 +267,8 @@ class CheckReport:
         first = self.items[0]
         more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
         reason = first.reason.removeprefix("not replayable: ") or "not replayed"
-        return (f"nothing was checked: none of the {len(self.items)} selected previews could be replayed; "
-                f"{first.preview_file}: {reason}{more}")
+        count = f"{len(self.items)} selected preview{'s' if len(self.items) != 1 else ''}"
+        return f"nothing was checked: {count}, none could be replayed; {first.preview_file}: {reason}{more}"
 
     @property
     def causes_summary(self) -> list[CauseSummary]:
