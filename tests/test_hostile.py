@@ -3,8 +3,8 @@ traceback, the job folder byte-identical, nothing written outside ``--out``, not
 
 ``test_hostile_input`` runs the corpus of ``hostile_inputs.py`` (one subprocess per case, several at a time).
 The scenario tests replay for real, with ``--steps 0 --no-diagnose`` on the tiny model: a run killed half way
-and resumed, Ctrl-C, a corrupt replay cache, and two runs into one ``--out``. They run in the background while
-the corpus runs, since each spends most of its time loading the model.
+and resumed, Ctrl-C, a corrupt replay cache, and two runs into one ``--out`` (the last two in one pair of runs).
+They run in the background while the corpus runs, since each spends most of its time loading the model.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ STEP0_PREVIEWS = 3  # og2_basic's step-0 previews: what `--steps 0` replays
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory) -> dict[str, Future]:
-    """The replaying scenarios, started first so that they overlap the corpus; each a Future of its runs."""
+    """The replaying scenarios, started first so that they overlap the corpus; each a Future of its runs.
+    A run killed with SIGKILL, then, at once: the same command resuming it, and two runs into a damaged copy
+    of what it left; a run interrupted with SIGINT alongside."""
     root = tmp_path_factory.mktemp("scenarios")
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scenario")
-    resumed = pool.submit(kill_then_resume, root / "resume")
-    futures = {"resume": resumed, "interrupt": pool.submit(interrupt, root / "interrupt")}
-    futures["shared"] = pool.submit(lambda: two_runs_on_a_damaged_cache(root / "shared", resumed.result()))
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="scenario")
+    killed = pool.submit(kill, root / "killed")
+    futures = {
+        "interrupt": pool.submit(interrupt, root / "interrupt"),
+        "resume": pool.submit(lambda: resume(killed.result())),
+        "shared": pool.submit(lambda: two_runs_on_a_damaged_cache(root / "shared", killed.result())),
+    }
     yield futures
     pool.shutdown(wait=True)
 
@@ -125,18 +130,23 @@ def wait_for_first_replay(process: subprocess.Popen, out: Path, timeout: float =
         time.sleep(0.05)
 
 
-def kill_then_resume(root: Path) -> dict:
-    """A run killed (SIGKILL: no clean-up at all) once its first replay landed, then the same command again."""
+def kill(root: Path) -> dict:
+    """A run killed with SIGKILL (no clean-up at all) as soon as its first replay has landed."""
     ctx = scenario_ctx(root)
     job_before = tree_state(ctx.job)
-    killed = start(ctx)
-    wait_for_first_replay(killed, ctx.out)
-    killed.kill()
-    killed.wait()
-    survivors = replays(ctx.out)
+    process = start(ctx)
+    wait_for_first_replay(process, ctx.out)
+    process.kill()
+    process.wait()
+    return {"ctx": ctx, "code": process.returncode, "survivors": replays(ctx.out), "job_before": job_before}
+
+
+def resume(killed: dict) -> dict:
+    """The killed run's command again, into the same --out."""
+    ctx = killed["ctx"]
     resumed = finish(start(ctx))
-    return {"ctx": ctx, "killed": killed.returncode, "survivors": survivors, "resumed": resumed,
-            "after": replays(ctx.out), "job_unchanged": tree_state(ctx.job) == job_before}
+    return {**killed, "resumed": resumed, "after": replays(ctx.out),
+            "job_unchanged": tree_state(ctx.job) == killed["job_before"]}
 
 
 def interrupt(root: Path) -> dict:
@@ -149,20 +159,24 @@ def interrupt(root: Path) -> dict:
 
 
 def damage(out: Path) -> dict[str, str]:
-    """Truncate one cached replay and put a valid all-black PNG (no digest) in place of another."""
-    truncated, blackened = sorted((out / "replays").glob("[!.]*.png"))[:2]
-    data = truncated.read_bytes()
-    truncated.write_bytes(data[: len(data) // 2])
-    with Image.open(blackened) as image:
-        Image.new("RGB", image.size).save(blackened)
-    return {"truncated": truncated.name, "blackened": blackened.name}
+    """Put a valid all-black PNG without a digest in place of one cached replay and, when there is a second,
+    cut that one in half."""
+    found = sorted((out / "replays").glob("[!.]*.png"))
+    with Image.open(found[0]) as image:
+        Image.new("RGB", image.size).save(found[0])
+    damaged = {found[0].name: "no pixel digest"}
+    if len(found) > 1:
+        data = found[1].read_bytes()
+        found[1].write_bytes(data[: len(data) // 2])
+        damaged[found[1].name] = "cannot be decoded"
+    return damaged
 
 
-def two_runs_on_a_damaged_cache(root: Path, resumed: dict) -> dict:
-    """Two runs at once into one --out whose cache has a truncated and a blackened replay (copied from the
-    resumed run's complete cache): both must see the damage, replay those two, and leave a sound cache."""
+def two_runs_on_a_damaged_cache(root: Path, killed: dict) -> dict:
+    """Two runs at once into one --out holding a damaged copy of what the killed run finished: between them
+    they must name every damaged file, replay it and the missing ones, and leave a cache that verifies."""
     ctx = scenario_ctx(root)
-    shutil.copytree(resumed["ctx"].out / "replays", ctx.out / "replays", ignore=shutil.ignore_patterns(".tmp-*"))
+    shutil.copytree(killed["ctx"].out / "replays", ctx.out / "replays", ignore=shutil.ignore_patterns(".tmp-*"))
     damaged = damage(ctx.out)
     first, second = start(ctx), start(ctx)
     return {"ctx": ctx, "damaged": damaged, "runs": [finish(first), finish(second)]}
@@ -175,11 +189,11 @@ def parity_json(out: Path) -> dict:
 def test_killed_run_resumes_and_replays_only_what_is_missing(scenarios):
     result = scenarios["resume"].result()
     out = result["ctx"].out
-    assert result["killed"] == -signal.SIGKILL and result["survivors"]
+    assert result["code"] == -signal.SIGKILL and result["survivors"]
     assert result["resumed"]["code"] == 0, result["resumed"]["stderr"]
     assert "Traceback" not in result["resumed"]["stderr"]
-    # What the killed run finished is reused untouched; the rest was replayed; nothing half-written remains
-    # under a replay's name (a temporary file of the killed run may, never read).
+    # What the killed run finished is reused untouched and the rest replayed; a temporary file the kill left
+    # behind is never read (it has no replay's name).
     for name, before in result["survivors"].items():
         assert result["after"][name].st_mtime_ns == before.st_mtime_ns, name
     assert len(result["after"]) == STEP0_PREVIEWS
@@ -206,13 +220,16 @@ def test_ctrl_c_exits_130_with_how_to_resume(scenarios):
 
 def test_corrupt_cache_files_are_replayed_again_with_a_warning(scenarios):
     result = scenarios["shared"].result()
-    first = result["runs"][0]
-    assert first["code"] == 0, first["stderr"]
-    assert "Traceback" not in first["stderr"]
-    warnings = [line for line in first["stderr"].splitlines() if line.startswith("warning: replay cache:")]
-    assert len(warnings) == 2, first["stderr"]
-    assert any(result["damaged"]["truncated"] in w and "cannot be decoded" in w for w in warnings), warnings
-    assert any(result["damaged"]["blackened"] in w and "no pixel digest" in w for w in warnings), warnings
+    warned = []
+    for run in result["runs"]:
+        assert run["code"] == 0, run["stderr"]
+        assert "Traceback" not in run["stderr"]
+        lines = [line for line in run["stderr"].splitlines() if line.strip()]
+        assert all(line.startswith("warning: replay cache:") for line in lines), run["stderr"]
+        warned += lines
+    # The first run to read a damaged file names it and why (the other may find it replayed already).
+    for name, why in result["damaged"].items():
+        assert any(name in line and why in line and "replaying it again" in line for line in warned), warned
     out = result["ctx"].out
     for png in (out / "replays").glob("[!.]*.png"):
         assert cache.replay_problem(png)[1] is None, png
