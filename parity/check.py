@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from parity import __version__, distributed
+from parity.cache import read_replay
+from parity.cache import write_replay as save_png_atomic
 from parity.causes import LintContext, item_causes, lora_keys_cause
 from parity.diagnose import (
     PARTIAL_GAP_SHARE,
@@ -89,18 +89,6 @@ def settings_of(item: ReplayItem) -> dict:
     return {k: getattr(item, k) for k in keys}
 
 
-def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @dataclass
 class CheckRun:
     """One ``parity check``: what every step reads (plan, replayer, folders) and the probe replays they share."""
@@ -156,10 +144,7 @@ class CheckRun:
         """A probe's pixels from this run's replays or the replay cache: the choices replay nothing twice."""
         if key in self.fresh:
             return self.fresh[key]
-        png = self.png(item, key)
-        if self.options.use_cache and png.is_file():
-            return np.array(Image.open(png).convert("RGB"))
-        return None
+        return read_replay(self.png(item, key)) if self.options.use_cache else None
 
     def merged(self, scores: dict) -> dict:
         return {name: values for part in self.dist.all_gather(scores) for name, values in part.items()}
@@ -300,8 +285,8 @@ def replay_one(run: CheckRun, item: ReplayItem, causes, worker, started: float) 
     png = run.png(item, key)
     if key in run.fresh:
         get, save = (lambda k=key: run.fresh.pop(k)), False
-    elif options.use_cache and png.is_file():
-        get, save = (lambda f=png: np.array(Image.open(f).convert("RGB"))), False
+    elif options.use_cache and (cached := read_replay(png)) is not None:
+        get, save = (lambda c=cached: c), False
     else:  # queue the replay; its decode, PNG and score finish while the next one runs
         get, save = replayer.replay(item, deferred=True).wait, True
     return worker.submit(finish, run, item, causes, info, png, get, save, started)
@@ -475,7 +460,9 @@ def measure_lora_effects(run: CheckRun, results: list[PreviewResult]) -> list[di
             off = run.replayer.replay_or_cached(item, lookup=run.cached_pixels, knobs=Knobs(lora=False))
             if not off.cached:
                 run.keep_replay(item, off)
-            on = np.array(Image.open(result.replay_png).convert("RGB"))
+            on = read_replay(Path(result.replay_png))
+            if on is None:
+                continue
         except Exception:  # no evidence rather than a failed run
             continue
         metrics = compute_metrics(on, off.pixels)[0]

@@ -1,14 +1,20 @@
 """The ``parity`` command line: ``plan``, ``check``, ``lint`` and ``lora``.
 
-Exit codes: 0 pass, 1 parity failure (per ``--fail-on``; for ``lora``: the LoRA does not apply fully), 2 usage
-or input error, 3 environment error. ``lint`` exits 0 whatever it finds.
+Exit codes (``parity.results.EXIT_CODES``): 0 pass, 1 parity failure (per ``--fail-on``; for ``lora``: the LoRA
+does not apply fully), 2 usage or input error, 3 environment error, 4 internal error (a bug in parity), 5 nothing
+checked, 130 interrupted. ``lint`` exits 0 whatever it finds. Every error is one line on stderr, never a
+traceback (``--debug`` adds the traceback of an internal error).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from parity import __version__
 from parity.errors import InputError, ParityError
 
 app = typer.Typer(
@@ -28,9 +35,34 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+INTERNAL_ERROR, INTERRUPTED = 4, 130
+INTERRUPTED_LINE = "interrupted: re-run the same command to resume"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"parity {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an internal error (exit 4), print the traceback too. Accepted "
+                           "anywhere on the command line (or PARITY_DEBUG=1).")
+    ] = False,
+) -> None:
     """parity: preview-vs-inference parity for ai-toolkit LoRAs."""
+
+
+def _finite(value: float | None) -> float | None:
+    """Option callback: NaN or an infinity is a usage error (it would silently turn every PASS into DRIFT)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 @app.command("plan")
@@ -68,10 +100,15 @@ def plan_command(
 def _write_outside_job(out: Path, job_dir: Path, text: str) -> None:
     if out.resolve().is_relative_to(job_dir.resolve()):
         raise InputError(out, "refusing to write inside the job folder: parity never changes a job folder")
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(out, f"cannot write: {exc.strerror or exc}") from None
+    from parity.safe_io import atomic_file, output_errors
+
+    if out.exists() and not out.is_file():  # /dev/stderr, a FIFO: a stream, written as one
+        with output_errors(out, "the plan"), open(out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    target = out.resolve() if out.is_symlink() else out  # replace the file a link points to, not the link
+    with atomic_file(target, "the plan") as handle:  # a full disk leaves no half-written plan
+        handle.write(text.encode("utf-8"))
 
 
 def _print_plan(plan) -> None:
@@ -120,15 +157,24 @@ VERDICT_STYLE = {"EXACT": "bold green", "PASS": "green", "DRIFT": "yellow", "FAI
                  "SKIPPED": "dim", "ERROR": "bold red"}
 
 
-def _parse_lora_overrides(values: list[str]) -> dict[int, Path]:
+def _parse_lora_overrides(values: list[str], plan) -> dict[int, Path]:
+    """``--lora STEP=FILE`` values; each FILE a regular file, each STEP one that has previews in ``plan``."""
+    from parity.safe_io import regular_file_problem
+
     overrides = {}
+    steps = sorted({item.step for item in plan.items})
     for value in values:
         step, sep, file = value.partition("=")
         if not sep or not step.strip().isdigit() or not file:
             raise InputError(None, f"--lora expects STEP=FILE (e.g. 250=lora_step250.safetensors), got {value!r}")
         path = Path(file).expanduser()
-        if not path.is_file():
-            raise InputError(path, "LoRA file given with --lora not found")
+        if (problem := regular_file_problem(path)) is not None:
+            raise InputError(path, f"LoRA file given with --lora {'not found' if problem == 'not found' else problem}")
+        if path.suffix.lower() != ".safetensors":
+            raise InputError(path, "--lora needs a .safetensors file (parity never loads pickles)")
+        if int(step) not in steps:
+            raise InputError(path, f"--lora {value}: no preview at step {int(step)}, so this LoRA would replay "
+                                   f"nothing (previews at steps {', '.join(map(str, steps))})")
         overrides[int(step)] = path
     return overrides
 
@@ -173,9 +219,13 @@ def check_command(
     images: Annotated[
         Path | None, typer.Option(help="Score images made elsewhere (named like the previews) instead of replays.")
     ] = None,
-    ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.")] = None,
-    psnr_pass: Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at least this.")] = None,
-    ssim_drift: Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.")] = None,
+    ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.", callback=_finite)] = None,
+    psnr_pass: Annotated[
+        float | None, typer.Option(help="PASS needs PSNR (dB) at least this.", callback=_finite)
+    ] = None,
+    ssim_drift: Annotated[
+        float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.", callback=_finite)
+    ] = None,
     fast: Annotated[
         bool,
         typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, maskless attention, "
@@ -194,10 +244,30 @@ def check_command(
 
     Under ``torchrun --nproc-per-node N`` the replays are shared between N processes (one GPU each) and rank 0
     writes the report."""
+    from parity.plan import build_plan
+    from parity.safe_io import check_out_dir
     from pipelines.common.cpu_profile import apply_cpu_profile
 
     if fail_on not in ("fail", "drift"):
         raise InputError(None, f"--fail-on must be fail or drift, got {fail_on!r}")
+    if pipeline not in ("aitoolkit", "server"):
+        raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
+    if kernel_search < 1:
+        raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
+    _check_device_name(device)
+    # Every problem the files can show is found before torch is imported and the model loaded.
+    plan = build_plan(job_dir, assets)
+    check_out_dir(out, plan.job_dir)
+    lora_overrides = _parse_lora_overrides(lora or [], plan)
+    _check_preview_headers(plan)
+    from parity.scores import Thresholds
+
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
+        pass_min_psnr_db=psnr_pass if psnr_pass is not None else defaults.pass_min_psnr_db,
+        drift_min_ssim=ssim_drift if ssim_drift is not None else defaults.drift_min_ssim,
+    )
     try:
         apply_cpu_profile(cpu_profile)
     except (ValueError, RuntimeError) as exc:
@@ -205,11 +275,8 @@ def check_command(
     from parity.check import CheckOptions, run_check
     from parity.errors import EnvironmentProblem
     from parity.replay import ReplayOptions
-    from parity.scores import Thresholds
 
     device = _resolve_device(device)
-    if kernel_search < 1:
-        raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
     if kernels != "auto":
         from pipelines.omnigen2.kernels import parse_profile
 
@@ -227,22 +294,14 @@ def check_command(
 
             if problem := available():
                 raise EnvironmentProblem(None, f"--kernels triton: {problem}")
-    defaults = Thresholds()
-    thresholds = Thresholds(
-        pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
-        pass_min_psnr_db=psnr_pass if psnr_pass is not None else defaults.pass_min_psnr_db,
-        drift_min_ssim=ssim_drift if ssim_drift is not None else defaults.drift_min_ssim,
-    )
     options = CheckOptions(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
-                             lora_overrides=_parse_lora_overrides(lora or []), reproduce_drift=not no_drift,
+                             lora_overrides=lora_overrides, reproduce_drift=not no_drift,
                              kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
                              cuda_graphs=cuda_graphs, cpu_profile=cpu_profile),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
         use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
     )
-    if pipeline not in ("aitoolkit", "server"):
-        raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
     _check_noise_name(noise)
     from parity import distributed
     from parity.ci import github_wanted
@@ -255,13 +314,23 @@ def check_command(
             raise typer.Exit(0)
         _write_reports_and_exit(report, out, github)
     from parity.check import select_items
-    from parity.plan import build_plan
     from parity.progress import progress_for
 
-    total = sum(1 for i in select_items(build_plan(job_dir, assets), steps) if i.replayable)
+    total = sum(1 for i in select_items(plan, steps) if i.replayable)
     with progress_for(err_console, total) as progress:
         report = run_check(job_dir, options, progress=progress)
     _write_reports_and_exit(report, out, github)
+
+
+def _check_preview_headers(plan) -> None:
+    """Each replayable preview is a regular image file within the pixel cap (its header only): a bad one ends
+    the run with one line now rather than after the model has loaded."""
+    from parity.safe_io import image_size
+
+    samples = Path(plan.job_dir) / "samples"
+    for item in plan.items:
+        if item.replayable:
+            image_size(samples / item.file, "preview")
 
 
 def _write_reports_and_exit(report, out: Path, github: bool = False) -> None:
@@ -269,10 +338,12 @@ def _write_reports_and_exit(report, out: Path, github: bool = False) -> None:
     summary and annotations (``github``), the exit code."""
     import time
 
+    from parity.safe_io import output_errors
     from reports import write_reports
 
     start = time.perf_counter()
-    paths = write_reports(report, out)
+    with output_errors(out):
+        paths = write_reports(report, out)
     if os.environ.get("PARITY_TIMINGS"):
         sys.stderr.write(f"[rank 0] reports: {time.perf_counter() - start:.2f}s\n")
     _print_summary(report, paths)
@@ -281,6 +352,8 @@ def _write_reports_and_exit(report, out: Path, github: bool = False) -> None:
 
         if problem := report_to_github(report, paths, sys.stdout):
             err_console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if report.nothing_checked:
+        _error_line(report.nothing_checked)
     raise typer.Exit(report.exit_code)
 
 
@@ -291,7 +364,13 @@ def _check_noise_name(noise: str) -> None:
         raise InputError(None, f"--noise must be auto or one of {', '.join(ALGORITHMS)}, got {noise!r}")
 
 
+def _check_device_name(device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise InputError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
+
+
 def _resolve_device(device: str) -> str:
+    _check_device_name(device)
     import torch
 
     from parity.errors import EnvironmentProblem
@@ -302,8 +381,6 @@ def _resolve_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise EnvironmentProblem(None, "--device cuda was asked for but torch sees no CUDA device")
         return device
-    if device != "cpu":
-        raise InputError(None, f"--device must be auto, cpu or cuda[:N], got {device!r}")
     return device
 
 
@@ -371,7 +448,7 @@ def lint_command(
 
     report = lint(job_dir, base_model, assets)
     if json_out:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(_json_text(report.to_dict()))
         return
     table = Table(title=f"parity lint: {report.job_name}", title_justify="left")
     for column in ("severity", "code", "finding", "fix"):
@@ -411,10 +488,17 @@ def lora_command(
 
     report = inspect_lora(file, base_model)
     if json_out:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(_json_text(report.to_dict()))
     else:
         _print_lora(report, top)
     raise typer.Exit(0 if report.applies else 1)
+
+
+def _json_text(data) -> str:
+    """Strict JSON (no NaN or Infinity tokens, which most parsers reject): non-finite numbers become null."""
+    from parity.safe_io import json_safe
+
+    return json.dumps(json_safe(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _print_lora(report, top: int) -> None:
@@ -444,6 +528,8 @@ def _print_lora(report, top: int) -> None:
                              ("unrecognised key", report.unparsed_keys), ("unpaired", report.unpaired_keys)):
             for name in names:
                 console.print(f"  {label}: {escape(name)}", highlight=False, soft_wrap=True)
+        for key, count in report.nonfinite.items():
+            console.print(f"  NaN/Inf: {escape(key)} ({count} values)", highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not report.norms:
@@ -462,21 +548,66 @@ def _print_lora(report, top: int) -> None:
     console.print(table)
 
 
-def main() -> None:
-    """Console entry point: every ParityError becomes one line on stderr and its exit code."""
-    try:
-        code = app(standalone_mode=False)  # click returns a typer.Exit's code instead of raising it
-    except ParityError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+class _WarningLine(logging.Handler):
+    """Library warnings (``logging``, e.g. the replay cache redoing a bad file) as one line each on stderr,
+    printed through the progress bar's console so that they land above the bar."""
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+def _usage_line(exc: typer.TyperException) -> str:
+    """A click usage error as one line, with the usage hint: "No such option: --bogus (try 'parity plan --help')"."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (try '{ctx.command_path} --help')" if ctx is not None else " (try 'parity --help')"
+    return " ".join(exc.format_message().split()) + hint
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every error is one line on stderr and its exit code (``parity.results.EXIT_CODES``).
+
+    Usage errors exit 2 with the usage hint; a ParityError its own code (2 input, 3 environment); Ctrl-C 130
+    with how to resume; anything else is a bug in parity: exit 4, the traceback only with ``--debug``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = args[: args.index("--")] if "--" in args else args
+    debug = "--debug" in options or bool(os.environ.get("PARITY_DEBUG"))
+    if "--debug" in options:
+        args.remove("--debug")  # accepted anywhere: the error handling below is what reads it
+    logger = logging.getLogger("parity")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+    try:
+        code = app(args=args, prog_name="parity", standalone_mode=False)  # a typer.Exit's code is returned
+    except ParityError as exc:
+        _error_line(exc.line())
+        code = exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors, vendored by typer
+        if type(exc).__name__ != "NoArgsIsHelpError":  # bare `parity`: typer printed the help already
+            _error_line(_usage_line(exc))
+        code = 2
+    except (KeyboardInterrupt, typer.Abort):
+        code = INTERRUPTED
+    except MemoryError:
+        _error_line("out of memory")
+        code = 3
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the reader went away; say nothing more)
+        code = 1
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        _error_line(f"internal error (a bug in parity, exit {INTERNAL_ERROR}): {type(exc).__name__}: {exc} "
+                    f"[{Path(where.filename).name}:{where.lineno}]" + ("" if debug else "; --debug shows the traceback"))
+        code = INTERNAL_ERROR
+    if code == INTERRUPTED:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not print a traceback now
+        err_console.print(INTERRUPTED_LINE, highlight=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(text: str) -> None:
+    """``error: TEXT`` as exactly one line: control characters in it (a file name with a newline) are escaped."""
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    err_console.print(f"[bold red]error:[/] {escape(printable)}", highlight=False, soft_wrap=True)

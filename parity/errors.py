@@ -29,3 +29,13 @@ class EnvironmentProblem(ParityError):
     """The machine cannot do what was asked: CUDA absent, base model not found (exit 3)."""
 
     exit_code = 3
+
+
+class OutputError(InputError):
+    """The report folder (``--out``) cannot be written. Exit 2 when the folder is the problem (a file where a
+    folder should be, read-only, not ours), 3 when the machine is (disk full, I/O error). An InputError, so that
+    every stage that lets input errors end the run lets this one end it too."""
+
+    def __init__(self, path: str | Path | None, problem: str, exit_code: int = 2):
+        self.exit_code = exit_code
+        super().__init__(path, problem)

@@ -8,6 +8,7 @@ The folder layout and every default below are ai-toolkit's (FACTS §1-§2): ``co
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from parity.errors import InputError
+from parity.safe_io import MAX_IMAGE_SIDE, file_kind, load_yaml, open_regular, parse_json, read_text
 
 TRAINER_TYPES = ("sd_trainer", "ui_trainer", "diffusion_trainer")
 # ai-toolkit's legacy model flags, read when model.arch is absent (toolkit/config_modules.py ModelConfig), in its order
@@ -193,6 +195,8 @@ def read_job_folder(path: str | Path) -> JobFolder:
         raise InputError(job_dir, "is a file, not a job folder")
     config_file, raw = load_config(job_dir)
     warnings: list[str] = []
+    if (disagreement := config_disagreement(job_dir, config_file, raw)) is not None:
+        warnings.append(disagreement)
     cfg = _Reader(config_file)
 
     job_config = cfg.mapping(raw.get("config"), "config")
@@ -234,23 +238,10 @@ def load_config(job_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The job dict ``{job, config, meta}``: ``config.yaml`` if present, else the web UI's ``.job_config.json``."""
     yaml_file = job_dir / "config.yaml"
     json_file = job_dir / ".job_config.json"
-    if yaml_file.is_file():
-        text = _read_text(yaml_file)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise InputError(yaml_file, f"not valid YAML: {_yaml_problem(exc)}") from None
-        config_file = yaml_file
-    elif json_file.is_file():
-        raw = _parse_json(json_file, _read_text(json_file))
-        # The UI stores the job config as a JSON string in its database; accept it still encoded.
-        if isinstance(raw, dict) and isinstance(raw.get("job_config"), str):
-            raw = _parse_json(json_file, raw["job_config"])
-        if isinstance(raw, str):
-            raw = _parse_json(json_file, raw)
-        config_file = json_file
-        if isinstance(raw, dict):
-            raw = _replace_name_tag(raw)
+    if os.path.lexists(yaml_file):
+        raw, config_file = _load_yaml_config(yaml_file), yaml_file
+    elif os.path.lexists(json_file):
+        raw, config_file = _load_json_config(json_file), json_file
     else:
         raise InputError(job_dir, "no config.yaml or .job_config.json: not an ai-toolkit job folder")
     if not isinstance(raw, dict):
@@ -260,26 +251,73 @@ def load_config(job_dir: Path) -> tuple[Path, dict[str, Any]]:
     return config_file, raw
 
 
+def _load_yaml_config(yaml_file: Path) -> Any:
+    try:
+        return load_yaml(read_text(yaml_file, "config"), yaml_file)
+    except yaml.YAMLError as exc:
+        raise InputError(yaml_file, f"not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _load_json_config(json_file: Path) -> Any:
+    raw = parse_json(read_text(json_file, "config"), json_file)
+    # The UI stores the job config as a JSON string in its database; accept it still encoded.
+    if isinstance(raw, dict) and isinstance(raw.get("job_config"), str):
+        raw = parse_json(raw["job_config"], json_file)
+    if isinstance(raw, str):
+        raw = parse_json(raw, json_file)
+    return _replace_name_tag(raw) if isinstance(raw, dict) else raw
+
+
+def config_disagreement(job_dir: Path, config_file: Path, raw: dict[str, Any]) -> str | None:
+    """A warning when the job folder holds both config files and their ``config`` sections differ: parity
+    reads ``config.yaml``, but the UI edits ``.job_config.json``, so one of them is stale."""
+    other = job_dir / ".job_config.json"
+    if config_file.name != "config.yaml" or not os.path.lexists(other):
+        return None
+    try:
+        theirs = _load_json_config(other)
+    except InputError as exc:
+        return f"{other.name} cannot be compared with config.yaml ({exc.problem}); using config.yaml"
+    if not isinstance(theirs, dict):
+        return f"{other.name} holds no job config to compare with config.yaml; using config.yaml"
+    where = _first_difference(raw.get("config"), theirs.get("config"), "config")
+    if where is None:
+        return None
+    return (f"config.yaml and {other.name} disagree (first at {where}); using config.yaml: remove the stale one "
+            "if the previews were made with the other")
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    """The first path at which two parsed configs differ, or None (1 and 1.0 are equal, as in ai-toolkit)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{where}.{key}"
+            if (found := _first_difference(a[key], b[key], f"{where}.{key}")) is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{where} (length {len(a)} vs {len(b)})"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if (found := _first_difference(x, y, f"{where}[{i}]")) is not None:
+                return found
+        return None
+    return None if a == b and type(a) is type(b) or _same_number(a, b) else where
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
+            and not isinstance(b, bool) and a == b)
+
+
 def _replace_name_tag(raw: dict[str, Any]) -> dict[str, Any]:
     # ai-toolkit replaces [name] in the whole job at load time; config.yaml shows the result, the UI's JSON does not.
     name = raw.get("config", {}).get("name") if isinstance(raw.get("config"), dict) else None
     if not isinstance(name, str):
         return raw
     return json.loads(json.dumps(raw).replace("[name]", name))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def _parse_json(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -303,15 +341,26 @@ class _Reader:
             raise self.fail(f"{where} must be a mapping, got {_kind(value)}")
         return value
 
-    def integer(self, value: Any, where: str) -> int:
+    def integer(self, value: Any, where: str, low: int | None = None, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"{where} must be an integer, got {value!r}")
+        if low is not None and value < low:
+            raise self.fail(f"{where} must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise self.fail(f"{where} must be at most {high}, got {value}")
         return value
 
     def number(self, value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(f"{where} must be a finite number, got {value!r}")
         return value
+
+    def size(self, value: Any, where: str) -> int:
+        """A width or height: ai-toolkit floors it to 8 with a minimum of 64 (so 0 or less still renders), and
+        parity holds each side to MAX_IMAGE_SIDE, the size its image cap allows (safe_io)."""
+        return self.integer(value, where, high=MAX_IMAGE_SIDE)
 
     def text(self, value: Any, where: str, optional: bool = False) -> str | None:
         if value is None and optional:
@@ -437,7 +486,7 @@ def _train_settings(cfg: _Reader, process: dict[str, Any], where: str) -> TrainS
     train = cfg.mapping(process.get("train", {}), f"{where}.train")
     ema = train.get("ema_config")
     return TrainSettings(
-        steps=cfg.integer(train.get("steps", 1000), f"{where}.train.steps"),
+        steps=cfg.integer(train.get("steps", 1000), f"{where}.train.steps", low=1),
         dtype=str(train.get("dtype", "fp32")),
         use_ema=bool(isinstance(ema, dict) and ema.get("use_ema", False)),
         skip_first_sample=bool(train.get("skip_first_sample", False)),
@@ -449,20 +498,20 @@ def _train_settings(cfg: _Reader, process: dict[str, Any], where: str) -> TrainS
 def _sample_section(cfg: _Reader, raw: Any, where: str) -> SampleSection:
     section = cfg.mapping(raw, where)
     ext = str(section.get("format", "jpg"))
-    num_frames = cfg.integer(section.get("num_frames", 1), f"{where}.num_frames")
+    num_frames = cfg.integer(section.get("num_frames", 1), f"{where}.num_frames", low=1)
     if num_frames > 1 and ext != "webp":
         ext = "webp"  # ai-toolkit saves multi-frame samples as animated webp whatever the format says
     values = dict(
         sampler=str(section.get("sampler", "ddpm")),
         sample_every=cfg.integer(section.get("sample_every", 100), f"{where}.sample_every"),
         sample_start_step=cfg.integer(section.get("sample_start_step", 0), f"{where}.sample_start_step"),
-        width=cfg.integer(section.get("width", 512), f"{where}.width"),
-        height=cfg.integer(section.get("height", 512), f"{where}.height"),
+        width=cfg.size(section.get("width", 512), f"{where}.width"),
+        height=cfg.size(section.get("height", 512), f"{where}.height"),
         neg=section.get("neg", False),
         seed=cfg.integer(section.get("seed", 0), f"{where}.seed"),
         walk_seed=bool(section.get("walk_seed", False)),
         guidance_scale=cfg.number(section.get("guidance_scale", 7), f"{where}.guidance_scale"),
-        sample_steps=cfg.integer(section.get("sample_steps", 20), f"{where}.sample_steps"),
+        sample_steps=cfg.integer(section.get("sample_steps", 20), f"{where}.sample_steps", low=1),
         network_multiplier=_multiplier(
             cfg, section.get("network_multiplier", 1), f"{where}.network_multiplier"
         ),
@@ -496,21 +545,21 @@ def _sample_item(cfg: _Reader, raw: Any, section: dict[str, Any], where: str) ->
     ctrl_img = cfg.text(item.get("ctrl_img"), f"{where}.ctrl_img", optional=True)
     return SampleItem(
         prompt=prompt,
-        width=cfg.integer(item.get("width", section["width"]), f"{where}.width"),
-        height=cfg.integer(item.get("height", section["height"]), f"{where}.height"),
+        width=cfg.size(item.get("width", section["width"]), f"{where}.width"),
+        height=cfg.size(item.get("height", section["height"]), f"{where}.height"),
         neg=item.get("neg", section["neg"]),
         seed=None if seed is None else cfg.integer(seed, f"{where}.seed"),
         guidance_scale=cfg.number(
             item.get("guidance_scale", section["guidance_scale"]), f"{where}.guidance_scale"
         ),
-        sample_steps=cfg.integer(item.get("sample_steps", section["sample_steps"]), f"{where}.sample_steps"),
+        sample_steps=cfg.integer(item.get("sample_steps", section["sample_steps"]), f"{where}.sample_steps", low=1),
         network_multiplier=_multiplier(
             cfg, item.get("network_multiplier", section["network_multiplier"]), f"{where}.network_multiplier"
         ),
         ctrl_img=ctrl_img,
         ctrl_img_1=cfg.text(item.get("ctrl_img_1", ctrl_img), f"{where}.ctrl_img_1", optional=True),
         ctrl_idx=cfg.integer(item.get("ctrl_idx", 0), f"{where}.ctrl_idx"),
-        num_frames=cfg.integer(item.get("num_frames", section["num_frames"]), f"{where}.num_frames"),
+        num_frames=cfg.integer(item.get("num_frames", section["num_frames"]), f"{where}.num_frames", low=1),
         fps=cfg.integer(item.get("fps", section["fps"]), f"{where}.fps"),
     )
 
@@ -519,7 +568,7 @@ def _multiplier(cfg: _Reader, value: Any, where: str) -> float:
     # ai-toolkit turns a text multiplier into a float and falls back to 1.0 when that fails
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return 1.0
     return cfg.number(value, where)
@@ -545,9 +594,11 @@ def list_previews(job_dir: Path) -> tuple[list[Preview], list[str]]:
             warnings.append(f"ignored folder samples/{entry.name}")
             continue
         match = _PREVIEW_RE.fullmatch(entry.name)
+        if not entry.is_file() and (match is not None or _extension(entry.name) in _MEDIA_EXTS):
+            # A FIFO or device named like an image: reading it would block or never end.
+            raise InputError(Path(entry.path), f"{_entry_kind(entry)}: a preview must be a regular file")
         if match is None:
-            ext = entry.name.rsplit(".", 1)[-1].lower() if "." in entry.name else ""
-            if ext in _MEDIA_EXTS:
+            if _extension(entry.name) in _MEDIA_EXTS:
                 raise InputError(
                     Path(entry.path), f"not a preview: ai-toolkit names previews {PREVIEW_PATTERN}"
                 )
@@ -567,6 +618,18 @@ def list_previews(job_dir: Path) -> tuple[list[Preview], list[str]]:
         raise InputError(samples_dir, f"no previews (expected files named {PREVIEW_PATTERN})")
     previews.sort(key=lambda p: (p.ms_time, p.step, p.prompt_index, p.file))
     return previews, warnings
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """A non-regular directory entry in words: a FIFO, a device, a socket, a broken link."""
+    try:
+        return file_kind(entry.stat().st_mode)
+    except OSError:
+        return "a broken link" if entry.is_symlink() else "unreadable"
 
 
 def list_checkpoints(job_dir: Path, name: str) -> list[Checkpoint]:
@@ -613,7 +676,7 @@ def _scan(folder: Path) -> list[os.DirEntry]:
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor dtypes, shapes, ``__metadata__``), without its tensors."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file") as f:
             size_bytes = f.read(8)
             if len(size_bytes) != 8:
                 raise InputError(path, "not a safetensors file: shorter than its 8-byte header length")

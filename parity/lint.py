@@ -163,14 +163,13 @@ class LintContext:
     def image(self, file: str):
         """A preview's (or reference image's) ``(width, height)``, or the error text if it cannot be read."""
         if file not in self._images:
-            from PIL import Image
+            from parity.safe_io import image_size
 
             path = Path(file) if Path(file).is_absolute() else self.samples_dir / file
             try:
-                with Image.open(path) as im:
-                    self._images[file] = im.size
-            except (OSError, SyntaxError) as exc:
-                self._images[file] = str(exc)
+                self._images[file] = image_size(path)
+            except InputError as exc:  # not an image, not a regular file, over the pixel cap
+                self._images[file] = exc.problem
         return self._images[file]
 
     def lora(self, file: str):
@@ -1017,6 +1016,27 @@ def _lora_untrained(plan, item, ctx):
     ):
         return Finding(f"{item.checkpoint} is untrained: every B matrix is zero", {"file": item.checkpoint})
     return None
+
+
+@rule(
+    "lora_nonfinite", "error", "preview",
+    "The checkpoint holds NaN or infinite values. Merged or added, one of them makes every weight it touches, "
+    "then the whole image, NaN: the preview and any replay come out black or as noise, and no setting explains "
+    "the difference. Training diverged (learning rate too high, fp16 overflow) or the file is corrupt.",
+    "Use an earlier checkpoint, lower the learning rate or train in bf16/fp32; `parity lora FILE` lists the "
+    "tensors.",
+)  # fmt: skip
+def _lora_nonfinite(plan, item, ctx):
+    if item.checkpoint is None or ctx.job is None:
+        return None
+    checked = ctx.lora(item.checkpoint)
+    if isinstance(checked, str) or not checked[0].nonfinite:
+        return None
+    from parity.lora_report import nonfinite_text
+
+    nonfinite = checked[0].nonfinite
+    return Finding(f"{item.checkpoint}: {nonfinite_text(nonfinite)}",
+                   {"file": item.checkpoint, "tensors": dict(sorted(nonfinite.items())[:20])})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from parity.errors import EnvironmentProblem, InputError
 from parity.jobfolder import read_safetensors_header
+from parity.safe_io import json_safe, regular_file_problem
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 # ai-toolkit's default targets (network.transformer_only): Linear layers whose path contains one of these
@@ -73,6 +74,7 @@ class LoraReport:
     untrained: bool  # every B is zero: the LoRA changes nothing
     notes: list[str] = field(default_factory=list)
     family: str = "OmniGen2"  # the model family it was checked against
+    nonfinite: dict[str, int] = field(default_factory=dict)  # tensor key -> NaN/Inf values in it
 
     @property
     def scale_convention(self) -> str:
@@ -82,9 +84,10 @@ class LoraReport:
 
     @property
     def applies(self) -> bool:
-        """Every key of the file became a module that matched a layer of the right shape."""
+        """Every key of the file became a module that matched a layer of the right shape, and every value is a
+        finite number (one NaN makes every image it touches NaN: black)."""
         return bool(self.matched) and not (
-            self.unmatched or self.shape_mismatches or self.unparsed_keys or self.unpaired_keys
+            self.unmatched or self.shape_mismatches or self.unparsed_keys or self.unpaired_keys or self.nonfinite
         )
 
     @property
@@ -92,10 +95,11 @@ class LoraReport:
         """One line saying what does not apply, or None."""
         if self.applies:
             return None
+        keys_off = self.unmatched or self.shape_mismatches or self.unparsed_keys or self.unpaired_keys
         parts = (
             ["applies to 0 layers"]
             if not self.matched
-            else [f"applies to {len(self.matched)} of {self.module_count} modules"]
+            else [f"applies to {len(self.matched)} of {self.module_count} modules"] if keys_off else []
         )
         for label, names in (
             ("unmatched modules", self.unmatched),
@@ -105,15 +109,24 @@ class LoraReport:
         ):
             if names:
                 parts.append(f"{len(names)} {label}")
+        if self.nonfinite:
+            parts.append(nonfinite_text(self.nonfinite))
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; NaN and infinite norms or scales (from such tensors) become null."""
         data = asdict(self)
         data["ranks"] = {str(k): v for k, v in self.ranks.items()}
         data["scale_convention"] = self.scale_convention
         data["applies"] = self.applies
         data["problem"] = self.problem
-        return data
+        return json_safe(data)
+
+
+def nonfinite_text(nonfinite: dict[str, int]) -> str:
+    """``{key: count}`` of NaN/Inf values in words, e.g. "2 tensors hold NaN/Inf values (5 values)"."""
+    tensors = f"{len(nonfinite)} tensor{'s' if len(nonfinite) != 1 else ''}"
+    return f"{tensors} hold{'s' if len(nonfinite) == 1 else ''} NaN/Inf values ({sum(nonfinite.values())} in all)"
 
 
 def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> LoraReport:
@@ -123,10 +136,10 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
     Raises InputError for a file that is missing, not safetensors, a pickle or corrupt, or a base model folder
     that no family reads; EnvironmentProblem for a base model that is not on this machine.
     """
+    path = Path(path)
+    header = _check_file(path)  # a file that is no LoRA is refused before torch is imported
     from pipelines.common.lora import linear_modules
 
-    path = Path(path)
-    header = _check_file(path)
     family, skeleton = lora_family(header, base_model)
     lora, keys = match_against(path, skeleton, family.lora_convert)
     layers = linear_modules(skeleton[0])
@@ -159,6 +172,7 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
         norms=norms,
         untrained=bool(lora.modules) and all(not m.up.any() for m in lora.modules.values()),
         family=family.label,
+        nonfinite=dict(lora.nonfinite),
     )
     report.notes.extend(_notes(report, family))
     return report
@@ -200,6 +214,8 @@ def _check_file(path: Path) -> dict[str, Any]:
         raise InputError(path, "LoRA file not found")
     if path.is_dir():
         raise InputError(path, "is a folder, not a LoRA file")
+    if (problem := regular_file_problem(path)) is not None:
+        raise InputError(path, f"not a LoRA file: {problem}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(path, "pickle file: parity never loads pickles (convert the LoRA to .safetensors)")
     if path.suffix.lower() != ".safetensors":

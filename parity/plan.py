@@ -8,6 +8,7 @@ The JSON form is documented in ``parity/schemas/plan.schema.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from parity.errors import InputError
 from parity.jobfolder import JobFolder, Preview, SampleSection, read_job_folder
+from parity.safe_io import MAX_IMAGE_SIDE, image_size, json_safe
 from pipelines.family import Family
 from pipelines.registry import family_for
 
@@ -115,7 +117,7 @@ class ReplayPlan:
 
     def to_json(self) -> str:
         """The plan as a JSON document (``schema_version`` 1, see ``parity/schemas/plan.schema.json``)."""
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(json_safe(self.to_dict()), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _item_dict(item: ReplayItem) -> dict[str, Any]:
@@ -321,6 +323,7 @@ def round_prompt_settings(
                 ) from None
             if _FLAGS[flag][0] in _SETTINGS_FROM_FLAGS:
                 values[_FLAGS[flag][0]] = value
+        check_flag_values(values, config_file, f"{where} prompt {i}")
         if values["seed"] is not None:
             if not _TORCH_SEED_MIN <= values["seed"] <= _TORCH_SEED_MAX:
                 raise InputError(
@@ -329,6 +332,21 @@ def round_prompt_settings(
             values["seed"] = torch_seed(values["seed"])
         settings.append(PromptSettings(prompt=prompt, unknown_flags=tuple(unknown), **values))
     return settings
+
+
+def check_flag_values(values: dict[str, Any], config_file: Path, where: str) -> None:
+    """Settings a prompt's ``--`` flags gave that no replay can use: fewer than one step, a side over
+    MAX_IMAGE_SIDE, a non-finite number. (The config's own values are checked where they are read.)"""
+    if values["num_inference_steps"] < 1:
+        raise InputError(config_file, f"{where}: num_inference_steps must be at least 1, got "
+                                      f"{values['num_inference_steps']} (from --steps/--s)")
+    for name in ("width", "height"):
+        if values[name] > MAX_IMAGE_SIDE:
+            raise InputError(config_file, f"{where}: {name} must be at most {MAX_IMAGE_SIDE}, got {values[name]} "
+                                          "(from --w/--h)")
+    for name in ("guidance_scale", "network_multiplier"):
+        if not math.isfinite(values[name]):
+            raise InputError(config_file, f"{where}: {name} must be a finite number, got {values[name]}")
 
 
 def lora_merged(round_settings: list[PromptSettings], job: JobFolder) -> bool:
@@ -424,6 +442,8 @@ def _replay_item(
                 f"reference image {s.ctrl_img!r} not found (looked at that path, then for "
                 f"{_file_name(s.ctrl_img)!r} under --assets and the job folder)"
             )
+        elif (unusable := reference_image_problem(found)) is not None:
+            problems.append(f"reference image {s.ctrl_img!r} cannot be used: {unusable}")
         else:
             ctrl_img = str(found)
     notes += _drift_notes(job, preview, rnd, s, weights)
@@ -532,6 +552,15 @@ def find_reference_image(recorded: str, job_dir: Path, assets_dir: str | Path | 
         matches = sorted(Path(root) / name for root, _, files in os.walk(folder) if name in files)
         if matches:
             return matches[0].resolve()
+    return None
+
+
+def reference_image_problem(path: Path) -> str | None:
+    """Why a found reference image cannot be replayed with (not an image, over the pixel cap), from its header."""
+    try:
+        image_size(path, "reference image")
+    except InputError as exc:
+        return exc.problem
     return None
 
 

@@ -20,9 +20,15 @@ EXIT_CODES: dict[int, str] = {
     0: "pass: no preview failed (DRIFT counts as a failure only with --fail-on drift)",
     1: "parity failure: a FAIL (or, with --fail-on drift, a DRIFT), a replay that crashed, or a setting proven by "
        "experiment to differ from what made a preview",
-    2: "usage or input error: bad arguments, unreadable job folder, config, preview or LoRA",
-    3: "environment error: CUDA asked for but absent, base model not found",
+    2: "usage or input error: bad arguments, unreadable job folder, config, preview or LoRA, unusable --out",
+    3: "environment error: CUDA asked for but absent, base model not found, disk full",
+    4: "internal error: a bug in parity (one line; the traceback with --debug)",
+    5: "nothing checked: no preview was replayed or scored (none replayable, none matched)",
+    130: "interrupted (Ctrl-C): re-run the same command to resume; finished replays are kept",
 }
+NOTHING_CHECKED = 5
+# What the outcome counts decide; the other codes end a run before a report exists.
+REPORT_EXIT_CODES = (0, 1, NOTHING_CHECKED)
 
 SEVERITIES = ("info", "warning", "error")
 
@@ -199,11 +205,16 @@ class PreviewResult:
 
 
 def exit_code_for(counts: dict[str, int], fail_on: str) -> int:
-    """0 or 1 from the outcome counts (see :data:`EXIT_CODES`); 2 and 3 are raised before any report exists."""
+    """0, 1 or 5 from the outcome counts (see :data:`EXIT_CODES`); 2, 3, 4 and 130 end a run before any report
+    exists. A run where every preview was SKIPPED (or that had none) checked nothing: green would be a lie."""
     if fail_on not in FAIL_ON:
         raise ValueError(f"fail_on must be one of {FAIL_ON}, got {fail_on!r}")
     failing = [Outcome.FAIL, Outcome.ERROR] + ([Outcome.DRIFT] if fail_on == "drift" else [])
-    return 1 if any(counts.get(o.value, 0) for o in failing) else 0
+    if any(counts.get(o.value, 0) for o in failing):
+        return 1
+    if not any(counts.get(o.value, 0) for o in Outcome if o is not Outcome.SKIPPED):
+        return NOTHING_CHECKED
+    return 0
 
 
 def _now() -> str:
@@ -263,6 +274,19 @@ class CheckReport:
     def exit_code(self) -> int:
         code = exit_code_for(self.counts, self.fail_on)
         return 1 if code == 0 and self.proven_mismatches else code
+
+    @property
+    def nothing_checked(self) -> str | None:
+        """Why no preview was replayed or scored, in one line; None when some were."""
+        if self.exit_code != NOTHING_CHECKED:
+            return None
+        if not self.items:
+            return "nothing was checked: no previews were selected"
+        first = self.items[0]
+        more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
+        reason = first.reason.removeprefix("not replayable: ") or "not replayed"
+        count = f"{len(self.items)} selected preview{'s' if len(self.items) != 1 else ''}"
+        return f"nothing was checked: {count}, none could be replayed; {first.preview_file}: {reason}{more}"
 
     @property
     def causes_summary(self) -> list[CauseSummary]:

@@ -54,6 +54,7 @@ from PIL import Image, JpegImagePlugin
 from skimage.metrics import structural_similarity
 
 from parity.errors import InputError
+from parity.safe_io import open_image
 
 SSIM_CONVENTION: dict[str, Any] = {
     "function": "skimage.metrics.structural_similarity",
@@ -98,6 +99,9 @@ class Thresholds:
     same_composition_min_ssim_eighth: float = 0.90
 
     def __post_init__(self):
+        for f in fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise InputError(None, f"threshold {f.name} must be a finite number, got {getattr(self, f.name)}")
         for name in ("pass_min_ssim", "drift_min_ssim", "same_composition_min_ssim_eighth"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -302,7 +306,7 @@ def identify_encoding(preview_path: str | Path) -> Encoding:
     """
     path = Path(preview_path)
     try:
-        with Image.open(path) as im:
+        with open_image(path, "preview image") as im:
             fmt = (im.format or "").upper()
             mode = im.mode
             if fmt == "JPEG":
@@ -403,7 +407,7 @@ def encode_like(rgb_uint8: np.ndarray, encoding: Encoding) -> np.ndarray:
 def load_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to H x W x 3 uint8 with Pillow (the decoder the comparison is defined with)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError) as exc:
         raise InputError(path, f"cannot read the image: {exc}") from exc

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.results import CheckReport
+from parity.safe_io import json_safe
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "parity.schema.json"
 SCHEMA_VERSION = 1
@@ -34,5 +35,6 @@ def report_dict(report: CheckReport, out_dir: str | Path) -> dict[str, Any]:
 
 
 def render_json(report: CheckReport, out_dir: str | Path) -> str:
-    """The text of parity.json (strict JSON: no NaN or Infinity; an identical replay has psnr_db null)."""
-    return json.dumps(report_dict(report, out_dir), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """The text of parity.json (strict JSON: no NaN or Infinity; an identical replay has psnr_db null, and any
+    other non-finite number is null too rather than a token most JSON parsers reject)."""
+    return json.dumps(json_safe(report_dict(report, out_dir)), indent=2, ensure_ascii=False, allow_nan=False) + "\n"

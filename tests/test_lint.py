@@ -119,6 +119,13 @@ def zero_up(key, tensor):
     return key, tensor.zero_() if ".lora_B." in key else tensor
 
 
+def nan_in_one_up(key, tensor):
+    if key == "diffusion_model.layers.0.attn.to_q.lora_B.weight":
+        tensor = tensor.clone()
+        tensor.view(-1)[:3] = float("nan")
+    return key, tensor
+
+
 def truncate(job_dir: Path, file: str) -> None:
     path = job_dir / file
     with open(path, "r+b") as f:
@@ -210,6 +217,8 @@ CASES = [
      "og2_basic_000000004.safetensors cannot be read"),
     ("lora_untrained", "warning", "og2_basic", lambda d: rewrite_lora(d, "og2_basic_000000004.safetensors", zero_up),
      "every B matrix is zero"),
+    ("lora_nonfinite", "error", "og2_basic", lambda d: rewrite_lora(d, "og2_basic_000000004.safetensors", nan_in_one_up),
+     "og2_basic_000000004.safetensors: 1 tensor holds NaN/Inf values (3 in all)"),
     ("ir_empty_negative_templated_once", "info", "og2_odd", None, "sample prompts 0, 1, 2, 4 have an empty negative"),
     ("ir_size_floored_to_16", "info", "og2_odd", None, "72x88 -> 64x80"),
     ("ir_jpeg_quality", "info", "og2_basic", None, "q75"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from test_jobfolder import job_config, make_job
 
 from parity.errors import InputError
@@ -335,10 +336,10 @@ def test_items_without_prompt_shift_settings_like_ai_toolkit(tmp_path):
 
 def test_reference_image_is_found_as_recorded_then_in_assets_then_in_the_job_folder(tmp_path):
     recorded = tmp_path / "ref_here.png"
-    recorded.write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(recorded)  # the header is read: a reference image must be an image
     assets = tmp_path / "assets" / "nested"
     assets.mkdir(parents=True)
-    (assets / "ref_assets.png").write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(assets / "ref_assets.png")
     sample = {
         "neg": "",
         "samples": [
@@ -351,7 +352,7 @@ def test_reference_image_is_found_as_recorded_then_in_assets_then_in_the_job_fol
     }
     job_dir = make_job(tmp_path, job_config(sample=sample), previews=[(0, i) for i in range(5)])
     (job_dir / "refs").mkdir()
-    (job_dir / "refs" / "ref_job.png").write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(job_dir / "refs" / "ref_job.png")
     a, b, c, d, e = build_plan(job_dir, assets_dir=tmp_path / "assets").items
     assert a.ctrl_img == str(recorded.resolve())
     assert b.ctrl_img == str((assets / "ref_assets.png").resolve())

@@ -74,6 +74,7 @@ class LoraFile:
     dtypes: list[str]
     unparsed_keys: list[str] = field(default_factory=list)
     unpaired_keys: list[str] = field(default_factory=list)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # key -> NaN/Inf values in that tensor (none: absent)
 
     @property
     def training_step(self) -> int | None:
@@ -146,6 +147,7 @@ def read_lora(path: str | Path, module_names: list[str] | None = None,
         raise LoraError(path, "contains no tensors")
     if convert is not None:
         tensors = convert(tensors)
+    nonfinite = count_nonfinite(tensors)
 
     kohya = {name.replace(".", "_"): name for name in module_names or []}
     downs, ups, alphas, unparsed = {}, {}, {}, []
@@ -167,6 +169,8 @@ def read_lora(path: str | Path, module_names: list[str] | None = None,
         if module is None:
             unparsed.append(key)
             continue
+        if kind == "alpha" and tensor.numel() != 1:
+            raise LoraError(path, f"{key}: an alpha must be one number, got a tensor of shape {tuple(tensor.shape)}")
         {"down": downs, "up": ups, "alpha": alphas}[kind][module] = tensor
 
     modules, unpaired = {}, []
@@ -185,7 +189,20 @@ def read_lora(path: str | Path, module_names: list[str] | None = None,
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
         unparsed_keys=unparsed,
         unpaired_keys=unpaired,
+        nonfinite=nonfinite,
     )
+
+
+def count_nonfinite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """NaN and infinite values per tensor, for the tensors that have any: one such value in B @ A turns every
+    merged weight it touches, and from there the whole image, into NaN (a black replay)."""
+    counts = {}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                counts[key] = bad
+    return counts
 
 
 def describe_format(found: set[str]) -> str:
