@@ -35,7 +35,7 @@ from parity.diagnose import (
     rank_causes,
     try_flip,
 )
-from parity.errors import InputError
+from parity.errors import EnvironmentProblem, InputError
 from parity.jobfolder import read_job_folder
 from parity.plan import ReplayItem, ReplayPlan, build_plan
 from parity.replay import Replayer, ReplayOptions
@@ -105,6 +105,7 @@ class CheckRun:
     progress: Callable[[str], None] | None = None
     fresh: dict[str, np.ndarray] = field(default_factory=dict)  # probe replays by cache key: reused, never redone
     fast_drift: dict | None = None
+    warnings: list[str] = field(default_factory=list)  # run-level notes beyond the plan's
     job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
     lora_effects: list[dict] = field(default_factory=list)  # per checked round: LoRA on vs off
 
@@ -181,7 +182,9 @@ def start(job_dir: str | Path, options: CheckOptions, progress) -> CheckRun:
 
 def calibrate(run: CheckRun) -> None:
     """Load the base model, choose the noise draw and (on CUDA) the kernels from the step-0 previews, and with
-    ``--fast`` measure it against exact mode. Nothing to do when no preview can be replayed."""
+    ``--fast`` measure it against exact mode. Nothing to do when no preview can be replayed. A probe replay that
+    crashes (a size the model cannot render, say) does not end the run: the choice falls back, says why, and that
+    preview's own replay becomes its ERROR."""
     if not any(i.replayable for i in run.items):
         return
     replayer, options, dist = run.replayer, run.options, run.dist
@@ -189,18 +192,30 @@ def calibrate(run: CheckRun) -> None:
     run.clock.mark("load", load_detail(replayer.load_timings))
     run.say("choosing the noise algorithm")
     gather = run.merged if dist.world > 1 else None
-    replayer.choose_noise_algorithm(run.score_of, part=(dist.rank, dist.world), gather=gather,
-                                    on_replay=run.keep_probe if run.plain else None,
-                                    clear_ssim=options.thresholds.drift_min_ssim,
-                                    lookup=run.cached_pixels if run.plain else None)
+    try:
+        replayer.choose_noise_algorithm(run.score_of, part=(dist.rank, dist.world), gather=gather,
+                                        on_replay=run.keep_probe if run.plain else None,
+                                        clear_ssim=options.thresholds.drift_min_ssim,
+                                        lookup=run.cached_pixels if run.plain else None)
+    except (InputError, EnvironmentProblem):
+        raise
+    except Exception as exc:
+        replayer.fall_back_noise(f"a step-0 replay crashed while choosing ({type(exc).__name__}: {exc})")
+        run.warnings.append(f"noise choice: {replayer.noise_reason}")
     run.clock.mark("noise choice")
     if run.plain:
         run.say("choosing the kernels")
         # A run that checks no step-0 preview (--steps latest, say) replays a few only: they serve the choice alone.
         checks_step0 = any(i.step == 0 and i.replayable for i in run.items)
-        replayer.choose_kernels(run.score_of, part=(dist.rank, dist.world), gather=gather,
-                                on_replay=run.keep_probe, lookup=run.cached_pixels,
-                                max_probes=None if checks_step0 else KERNEL_PROBES_UNCHECKED)
+        try:
+            replayer.choose_kernels(run.score_of, part=(dist.rank, dist.world), gather=gather,
+                                    on_replay=run.keep_probe, lookup=run.cached_pixels,
+                                    max_probes=None if checks_step0 else KERNEL_PROBES_UNCHECKED)
+        except (InputError, EnvironmentProblem):
+            raise
+        except Exception as exc:
+            replayer.kernel_reason = f"kept {replayer.kernels}: a step-0 replay crashed ({type(exc).__name__}: {exc})"
+            run.warnings.append(f"kernel choice: {replayer.kernel_reason}")
         run.clock.mark("kernel choice")
     if dist.is_main and options.replay.fast:
         run.say("measuring --fast against exact mode")
@@ -503,7 +518,7 @@ def gather(run: CheckRun, by_index: dict[int, PreviewResult], results: list[Prev
 
 def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
     options, replayer, plan = run.options, run.replayer, run.plan
-    warnings = list(plan.warnings)
+    warnings = list(plan.warnings) + run.warnings
     family = plan.family
     profile = f"aitoolkit-{family.name}-preview"
     if options.pipeline == "server":

@@ -179,73 +179,86 @@ def _parse_lora_overrides(values: list[str], plan) -> dict[int, Path]:
     return overrides
 
 
+# check's options, one alias each so that the command's signature reads as a list
+_BaseModel = Annotated[str | None, typer.Option("--base-model", help="Base model folder or Hugging Face id (cache only).")]
+_Steps = Annotated[str, typer.Option(help="Which rounds: all, latest or N,M,...")]
+_Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+_Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the job's train.dtype).")]
+_Out = Annotated[Path, typer.Option("--out", help="Report folder (never inside the job folder).")]
+_FailOn = Annotated[str, typer.Option("--fail-on", help="Exit 1 on: fail, or drift (DRIFT too).")]
+_Noise = Annotated[str, typer.Option(help="Initial-noise draw: auto (chosen from step-0 previews), native or an "
+                                          "algorithm name.")]
+_Lora = Annotated[list[str] | None, typer.Option("--lora", metavar="STEP=FILE", help="Use FILE as the LoRA of STEP.")]
+_Assets = Annotated[Path | None, typer.Option(help="Folder searched by file name for reference images.")]
+_CpuProfile = Annotated[str, typer.Option("--cpu-profile", help="CPU kernels: native, or avx2 to compute like an "
+                                                                "AVX2-only trainer CPU.")]
+_Kernels = Annotated[str, typer.Option(help="Kernel set: auto (on CUDA: the one that reproduces a step-0 preview), "
+                                            "torch, flash, or triton[:WARPS|:WIDTH=WARPS,...] (ai-toolkit's GPU "
+                                            "default for OmniGen2: Triton RMSNorm).")]
+_KernelSearch = Annotated[int, typer.Option(help="Most kernel sets --kernels auto replays a step-0 preview with.")]
+_NoDrift = Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")]
+_NoCache = Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")]
+_Pipeline = Annotated[str, typer.Option(help="aitoolkit (reproduce the previews) or server (render as "
+                                             "ai-toolkit-inference does).")]
+_Diagnose = Annotated[bool, typer.Option(help="Flip knobs to name the cause of each mismatch.")]
+_Images = Annotated[Path | None, typer.Option(help="Score images made elsewhere (named like the previews) instead "
+                                                   "of replays.")]
+_SsimPass = Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.", callback=_finite)]
+_PsnrPass = Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at least this.", callback=_finite)]
+_SsimDrift = Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.",
+                                                  callback=_finite)]
+_Fast = Annotated[bool, typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, "
+                                                    "maskless attention, float32 rotary, torch.compile on CUDA; "
+                                                    "OmniGen2): for CI smoke runs, never EXACT.")]
+_CudaGraphs = Annotated[bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same "
+                                                "pixels).")]
+_Github = Annotated[bool | None, typer.Option("--github/--no-github", help="GitHub Actions output: a step summary "
+                                              "in $GITHUB_STEP_SUMMARY and an error annotation per failing preview "
+                                              "(default: when GITHUB_ACTIONS=true).")]
+
+
 @app.command("check")
 def check_command(
     job_dir: Annotated[Path, typer.Argument(help="ai-toolkit job folder.", show_default=False)],
-    base_model: Annotated[
-        str | None, typer.Option("--base-model", help="Base model folder or Hugging Face id (cache only).")
-    ] = None,
-    steps: Annotated[str, typer.Option(help="Which rounds: all, latest or N,M,...")] = "all",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the job's train.dtype).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Report folder (never inside the job folder).")] = Path(
-        "parity-report"
-    ),
-    fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 on: fail, or drift (DRIFT too).")] = "fail",
-    noise: Annotated[
-        str, typer.Option(help="Initial-noise draw: auto (chosen from step-0 previews), native or an algorithm name.")
-    ] = "auto",
-    lora: Annotated[
-        list[str] | None, typer.Option("--lora", metavar="STEP=FILE", help="Use FILE as the LoRA of STEP.")
-    ] = None,
-    assets: Annotated[Path | None, typer.Option(help="Folder searched by file name for reference images.")] = None,
-    cpu_profile: Annotated[
-        str, typer.Option("--cpu-profile", help="CPU kernels: native, or avx2 to compute like an AVX2-only trainer CPU.")
-    ] = "native",
-    kernels: Annotated[
-        str,
-        typer.Option(help="Kernel set: auto (on CUDA: the one that reproduces a step-0 preview), torch, flash, or "
-                     "triton[:WARPS|:WIDTH=WARPS,...] (ai-toolkit's GPU default: Triton RMSNorm)."),
-    ] = "auto",
-    kernel_search: Annotated[
-        int, typer.Option(help="Most kernel sets --kernels auto replays a step-0 preview with.")
-    ] = 6,
-    no_drift: Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")] = False,
-    pipeline: Annotated[
-        str, typer.Option(help="aitoolkit (reproduce the previews) or server (render as ai-toolkit-inference does).")
-    ] = "aitoolkit",
-    diagnose: Annotated[bool, typer.Option(help="Flip knobs to name the cause of each mismatch.")] = True,
-    images: Annotated[
-        Path | None, typer.Option(help="Score images made elsewhere (named like the previews) instead of replays.")
-    ] = None,
-    ssim_pass: Annotated[float | None, typer.Option(help="PASS needs SSIM at least this.", callback=_finite)] = None,
-    psnr_pass: Annotated[
-        float | None, typer.Option(help="PASS needs PSNR (dB) at least this.", callback=_finite)
-    ] = None,
-    ssim_drift: Annotated[
-        float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.", callback=_finite)
-    ] = None,
-    fast: Annotated[
-        bool,
-        typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, maskless attention, "
-                     "float32 rotary, torch.compile on CUDA): for CI smoke runs, never EXACT."),
-    ] = False,
-    cuda_graphs: Annotated[
-        bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same pixels).")
-    ] = True,
-    github: Annotated[
-        bool | None,
-        typer.Option("--github/--no-github", help="GitHub Actions output: a step summary in $GITHUB_STEP_SUMMARY "
-                     "and an error annotation per failing preview (default: when GITHUB_ACTIONS=true)."),
-    ] = None,
+    base_model: _BaseModel = None, steps: _Steps = "all", device: _Device = "auto", dtype: _Dtype = None,
+    out: _Out = Path("parity-report"), fail_on: _FailOn = "fail", noise: _Noise = "auto", lora: _Lora = None,
+    assets: _Assets = None, cpu_profile: _CpuProfile = "native", kernels: _Kernels = "auto",
+    kernel_search: _KernelSearch = 6, no_drift: _NoDrift = False, no_cache: _NoCache = False,
+    pipeline: _Pipeline = "aitoolkit", diagnose: _Diagnose = True, images: _Images = None,
+    ssim_pass: _SsimPass = None, psnr_pass: _PsnrPass = None, ssim_drift: _SsimDrift = None, fast: _Fast = False,
+    cuda_graphs: _CudaGraphs = True, github: _Github = None,
 ) -> None:
     """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml.
 
     Under ``torchrun --nproc-per-node N`` the replays are shared between N processes (one GPU each) and rank 0
     writes the report."""
+    from parity import distributed
+    from parity.check import run_check, select_items
+    from parity.ci import github_wanted
+    from parity.progress import progress_for
+
+    options, plan = _check_options(**locals())
+    github = github_wanted(github)
+    dist = distributed.current()
+    if dist.world > 1:  # torchrun: no progress bars from N processes; rank 0 writes the report
+        report = run_check(job_dir, options)
+        if not dist.is_main:
+            raise typer.Exit(0)
+        _write_reports_and_exit(report, out, github)
+    total = sum(1 for i in select_items(plan, steps) if i.replayable)
+    with progress_for(err_console, total) as progress:
+        report = run_check(job_dir, options, progress=progress)
+    _write_reports_and_exit(report, out, github)
+
+
+def _check_options(job_dir: Path, base_model, steps, device, dtype, out, fail_on, noise, lora, assets, cpu_profile,
+                   kernels, kernel_search, no_drift, no_cache, pipeline, diagnose, images, ssim_pass, psnr_pass,
+                   ssim_drift, fast, cuda_graphs, **_):
+    """``check``'s arguments validated (every problem the files can show before torch is imported and the model
+    loaded) and turned into CheckOptions; returns them with the plan."""
     from parity.plan import build_plan
     from parity.safe_io import check_out_dir
+    from parity.scores import Thresholds
     from pipelines.common.cpu_profile import apply_cpu_profile
 
     if fail_on not in ("fail", "drift"):
@@ -255,13 +268,10 @@ def check_command(
     if kernel_search < 1:
         raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
     _check_device_name(device)
-    # Every problem the files can show is found before torch is imported and the model loaded.
     plan = build_plan(job_dir, assets)
     check_out_dir(out, plan.job_dir)
     lora_overrides = _parse_lora_overrides(lora or [], plan)
     _check_preview_headers(plan)
-    from parity.scores import Thresholds
-
     defaults = Thresholds()
     thresholds = Thresholds(
         pass_min_ssim=ssim_pass if ssim_pass is not None else defaults.pass_min_ssim,
@@ -272,54 +282,44 @@ def check_command(
         apply_cpu_profile(cpu_profile)
     except (ValueError, RuntimeError) as exc:
         raise InputError(None, str(exc)) from None
-    from parity.check import CheckOptions, run_check
-    from parity.errors import EnvironmentProblem
+    from parity.check import CheckOptions
     from parity.replay import ReplayOptions
 
     device = _resolve_device(device)
-    if kernels != "auto":
-        from pipelines.omnigen2.kernels import parse_profile
-
-        try:
-            name = parse_profile(kernels)[0]
-        except ValueError as exc:
-            raise InputError(None, f"--kernels: {exc}") from None
-        if name == "flash":
-            try:
-                import flash_attn  # noqa: F401
-            except ImportError:
-                raise EnvironmentProblem(None, "--kernels flash needs the flash_attn package") from None
-        if name == "triton":
-            from pipelines.omnigen2.triton_norm import available
-
-            if problem := available():
-                raise EnvironmentProblem(None, f"--kernels triton: {problem}")
-    options = CheckOptions(
+    _check_kernels(kernels)
+    _check_noise_name(noise)
+    return CheckOptions(
         replay=ReplayOptions(base_model=base_model, device=device, dtype=dtype, noise_algorithm=noise,
                              lora_overrides=lora_overrides, reproduce_drift=not no_drift,
                              kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
                              cuda_graphs=cuda_graphs, cpu_profile=cpu_profile),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
         use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
-    )
-    _check_noise_name(noise)
-    from parity import distributed
-    from parity.ci import github_wanted
+    ), plan
 
-    github = github_wanted(github)
-    dist = distributed.current()
-    if dist.world > 1:  # torchrun: no progress bars from N processes; rank 0 writes the report
-        report = run_check(job_dir, options)
-        if not dist.is_main:
-            raise typer.Exit(0)
-        _write_reports_and_exit(report, out, github)
-    from parity.check import select_items
-    from parity.progress import progress_for
 
-    total = sum(1 for i in select_items(plan, steps) if i.replayable)
-    with progress_for(err_console, total) as progress:
-        report = run_check(job_dir, options, progress=progress)
-    _write_reports_and_exit(report, out, github)
+def _check_kernels(kernels: str) -> None:
+    """``--kernels`` other than auto: a known profile whose package is here (the family refuses what it cannot
+    run when the model loads)."""
+    if kernels == "auto":
+        return
+    from parity.errors import EnvironmentProblem
+    from pipelines.omnigen2.kernels import parse_profile
+
+    try:
+        name = parse_profile(kernels)[0]
+    except ValueError as exc:
+        raise InputError(None, f"--kernels: {exc}") from None
+    if name == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise EnvironmentProblem(None, "--kernels flash needs the flash_attn package") from None
+    if name == "triton":
+        from pipelines.omnigen2.triton_norm import available
+
+        if problem := available():
+            raise EnvironmentProblem(None, f"--kernels triton: {problem}")
 
 
 def _check_preview_headers(plan) -> None:

@@ -298,6 +298,13 @@ class Replayer:
             probes, draws, native, self.probing(score_fn, part, gather, on_replay, lookup), clear_ssim, unrelated_ssim)
         return self.noise_algorithm, self.noise_reason
 
+    def fall_back_noise(self, why: str) -> None:
+        """No choice could be made (a probe crashed): this torch's own draw, and why."""
+        from pipelines.common import noise
+
+        self.noise_algorithm = str(noise.detect_native_algorithm(probe=False))
+        self.noise_reason = f"this torch's own draw: {why}"
+
     def choose_kernels(self, score_fn, part: tuple[int, int] = (0, 1), gather=None, on_replay=None, lookup=None,
                        max_probes: int | None = None) -> tuple[str, str]:
         """With ``--kernels auto``: the family's kernel profile that reproduces the step-0 previews bit for bit

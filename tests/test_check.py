@@ -171,3 +171,18 @@ def test_fail_on_drift_turns_a_pass_into_exit_1(tmp_path):
     assert result.returncode == 1
     junit = (tmp_path / "r" / "junit.xml").read_text()
     assert junit.count("<failure") == 5
+
+
+def test_a_calibration_replay_that_crashes_does_not_end_the_run(tmp_path, monkeypatch):
+    """The noise choice's probe replay crashes: the run falls back to this torch's draw, says why, goes on."""
+    from parity.replay import Replayer
+
+    def crash(self, *args, **kwargs):
+        raise IndexError("index 6250 is out of bounds for dimension 0 with size 1024")
+
+    monkeypatch.setattr(Replayer, "choose_noise_algorithm", crash)
+    options = CheckOptions(replay=ReplayOptions(base_model=str(TINY), noise_algorithm="auto"), steps="0",
+                           out_dir=tmp_path / "out", diagnose=False)
+    report = run_check(ORACLE_DIR / "jobs" / "og2_basic", options)
+    assert any(w.startswith("noise choice: this torch's own draw: a step-0 replay crashed") for w in report.warnings)
+    assert report.noise_algorithm != "auto" and all(i.score is not None for i in report.items)
