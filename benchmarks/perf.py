@@ -403,7 +403,7 @@ def whole_job(args, config, model, vae, device, dtype, out_dir: Path) -> dict:
     ssims = []
 
     def finish(key, replay_out, png, preview):
-        pixels = replay_out.pending.result()
+        pixels = replay_out.pending.wait()
         save_png_atomic(png, pixels)
         ssims.append(score_replay(preview, pixels).metrics.ssim)
         ours[key] = pixels

@@ -68,7 +68,7 @@ def test_exact_loop_equals_two_full_forwards_per_step(components):
     for r in REQUESTS:
         expected = legacy_pixels(pipe, r)
         assert np.array_equal(pipe(r).pixels, expected)
-        assert np.array_equal(pipe(r, deferred=True).pending.result(), expected)
+        assert np.array_equal(pipe(r, deferred=True).pending.wait(), expected)
 
 
 def test_guided_velocities_equal_forward_with_padding_and_references(components):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipelines.common import noise
+from pipelines.common.render import PendingPixels
 from pipelines.family import RenderRequest
 from pipelines.flux import quirks, rules
 from pipelines.flux.loading import Components
@@ -36,33 +37,6 @@ class TextEncoding:
     text: str
     embeds: torch.Tensor
     pooled: torch.Tensor
-
-
-class PendingPixels:
-    """The decoded image on its way to the host; ``wait()`` gives the uint8 pixels (implements ``Rendered``).
-
-    On CUDA the copy is queued into pinned memory with an event, so the caller can queue the next replay and
-    finish this one's pixels on another thread; on the CPU the image is already there.
-    """
-
-    def __init__(self, image: torch.Tensor):
-        self._event = None
-        if image.is_cuda:
-            self._host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
-            self._host.copy_(image, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = image
-        self._pixels: np.ndarray | None = None
-
-    def wait(self) -> np.ndarray:
-        if self._pixels is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._pixels = quirks.host_image_to_pixels(self._host)
-            self._host = None
-        return self._pixels
 
 
 @dataclass
@@ -203,7 +177,7 @@ class FluxReplayPipeline:
         vae_in = quirks.vae_input(c.vae, quirks.unpack_latents(latents, h, w))
         decoded = quirks.decode(c.vae, vae_in)
         output = FluxOutput(
-            pending=PendingPixels(quirks.denormalize(decoded)),
+            pending=PendingPixels(quirks.denormalize(decoded), quirks.host_image_to_pixels),
             generation_size=(gen_w, gen_h),
             noise=raw_noise,
             packed_latents=packed,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.common import noise
+from pipelines.common.render import PendingPixels
 from pipelines.omnigen2 import quirks
 from pipelines.omnigen2.denoise import StepGraphs, denoise
 from pipelines.omnigen2.loading import Components
@@ -48,33 +49,6 @@ class TextEncoding:
         if self.length is None:
             self.length = text_length(self.mask)
         return self.length
-
-
-class PendingPixels:
-    """The decoded image on its way to the host: ``result()`` waits for it and gives the uint8 pixels.
-
-    The device-to-host copy is queued right after the decode (into pinned memory, with an event), so the caller
-    can queue the next replay at once and finish this one's pixels, PNG and scores on another thread.
-    """
-
-    def __init__(self, image: torch.Tensor):
-        self._event = None
-        if image.is_cuda:
-            self._host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
-            self._host.copy_(image, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = image
-        self._pixels: np.ndarray | None = None
-
-    def result(self) -> np.ndarray:
-        if self._pixels is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._pixels = quirks.host_image_to_pixels(self._host)
-            self._host = None
-        return self._pixels
 
 
 @dataclass
@@ -182,6 +156,6 @@ class OmniGen2Pipeline:
         image = quirks.decode_on_device(c.vae, latents, r.width, r.height)
         if deferred:
             return ReplayOutput(None, (gen_w, gen_h), initial, cond, uncond, final_latents=latents,
-                                pending=PendingPixels(image))
+                                pending=PendingPixels(image, quirks.host_image_to_pixels))
         pixels = quirks.host_image_to_pixels(image.cpu())
         return ReplayOutput(pixels, (gen_w, gen_h), initial, cond, uncond, final_latents=latents)

@@ -18,16 +18,6 @@ from pipelines.omnigen2.pipeline import OmniGen2Pipeline, ReplayRequest
 from pipelines.omnigen2.transformer import RMSNorm
 
 
-class _Pending:
-    """A deferred render: the pipeline's PendingPixels behind the seam's ``wait()``."""
-
-    def __init__(self, pending):
-        self.pending = pending
-
-    def wait(self) -> np.ndarray:
-        return self.pending.result()
-
-
 def first_kernels(spec: LoadSpec) -> tuple[str, str]:
     """The profile asked for, or with ``auto`` the likeliest: ai-toolkit's default GPU path where its Triton kernel
     can run (CUDA, triton importable, not --fast), else PyTorch's kernels; and why, in words."""
@@ -104,7 +94,7 @@ class OmniGen2Session:
             w, h = output.generation_size
             with torch.no_grad():
                 return Done(quirks.decode_to_pixels(self.pipeline.c.vae, output.final_latents, w, h))
-        return _Pending(output.pending) if output.pending is not None else Done(output.pixels)
+        return output.pending if output.pending is not None else Done(output.pixels)
 
     def noise(self, request: RenderRequest, algorithm: str) -> np.ndarray:
         w, h = quirks.generation_size(request.width, request.height)
