@@ -77,10 +77,12 @@ def _write_outside_job(out: Path, job_dir: Path, text: str) -> None:
 def _print_plan(plan) -> None:
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    more = (f", {plan.recoverable_count} more once parity check recovers their drawn seed (training_seed "
+            f"{plan.training_seed})") if plan.recoverable_count else ""
     console.print(
         f"[bold]{plan.job_name}[/] ({plan.arch}): base {plan.base_model}, train {plan.train_dtype}, "
         f"save {plan.save_dtype}, quantize {plan.quantize} (te {plan.quantize_te}); "
-        f"{plan.replayable_count} of {len(plan.items)} previews replayable",
+        f"{plan.replayable_count} of {len(plan.items)} previews replayable{more}",
         highlight=False,
         soft_wrap=True,
     )
@@ -93,7 +95,7 @@ def _print_plan(plan) -> None:
         table.add_row(
             f"{item.step}{' first' if item.round == 'first_sample' else ''}",
             str(item.prompt_index),
-            _cell(item.seed),
+            "drawn" if item.seed_source == "drawn" else _cell(item.seed),
             "-" if item.width is None else f"{item.width}x{item.height}",
             "-" if item.gen_width is None else f"{item.gen_width}x{item.gen_height}",
             _cell(item.num_inference_steps),
@@ -101,7 +103,7 @@ def _print_plan(plan) -> None:
             _cell(item.network_multiplier),
             {True: "yes", False: "no", None: "-"}[item.lora_merged],
             (item.checkpoint or item.weights).removesuffix(".safetensors"),
-            "[green]yes[/]" if item.replayable else "[red]no[/]",
+            "[green]yes[/]" if item.replayable else "[yellow]seed?[/]" if item.recoverable else "[red]no[/]",
         )
     console.print(table)
     for (round_name, index), (prompt, negative) in sorted(prompts.items()):
@@ -109,7 +111,8 @@ def _print_plan(plan) -> None:
         console.print(f"{label}: {prompt!r}  negative: {negative!r}", highlight=False, soft_wrap=True)
     for item in plan.items:
         if not item.replayable:
-            console.print(f"[red]{item.file}[/]: {item.reason}", highlight=False, soft_wrap=True)
+            style = "yellow" if item.recoverable else "red"
+            console.print(f"[{style}]{item.file}[/]: {item.reason}", highlight=False, soft_wrap=True)
 
 
 def _cell(value) -> str:
