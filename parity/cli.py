@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from parity.errors import InputError, ParityError
+from parity.seeds import SEARCH_WORDS
 
 app = typer.Typer(
     add_completion=False,
@@ -167,6 +168,10 @@ def check_command(
     kernel_search: Annotated[
         int, typer.Option(help="Most kernel sets --kernels auto replays a step-0 preview with.")
     ] = 6,
+    seed_search: Annotated[
+        int, typer.Option(help="Words of training_seed's random stream searched for each seed ai-toolkit drew for "
+                          "seed -1 (each distinct candidate costs one replay).")
+    ] = SEARCH_WORDS,
     no_drift: Annotated[bool, typer.Option("--no-drift", help="Do not replay earlier merge rounds' drift.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Replay everything again.")] = False,
     pipeline: Annotated[
@@ -208,6 +213,8 @@ def check_command(
     device = _resolve_device(device)
     if kernel_search < 1:
         raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
+    if seed_search < 1:
+        raise InputError(None, f"--seed-search must be at least 1 word, got {seed_search}")
     if kernels != "auto":
         from pipelines.omnigen2.kernels import parse_profile
 
@@ -237,7 +244,7 @@ def check_command(
                              kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
                              cuda_graphs=cuda_graphs, cpu_profile=cpu_profile),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
-        use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
+        use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images, seed_search=seed_search,
     )
     if pipeline not in ("aitoolkit", "server"):
         raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
@@ -264,7 +271,7 @@ def check_command(
 
         from parity.plan import build_plan
 
-        total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable)
+        total = sum(1 for i in build_plan(job_dir, assets).items if i.replayable or i.recoverable)
         bar.update(task, total=total)
         report = run_check(job_dir, options, progress=step)
     _write_reports_and_exit(report, out)
@@ -325,6 +332,12 @@ def _print_summary(report, paths) -> None:
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items() if v)
     console.print(f"{counts}  |  noise {report.noise_algorithm} ({report.noise_algorithm_reason})")
+    if seeds := report.seed_recovery:
+        console.print(escape(f"drawn seeds: {seeds['recovered']} of {seeds['drawn']} recovered from training_seed "
+                             f"{seeds['training_seed']} ({seeds['replays']} replays, {seeds['cached']} from the cache, "
+                             f"{seeds['seconds']:.1f} s)"), highlight=False)
+        for record in seeds["previews"]:
+            console.print(escape(f"  {record['preview']}: {record['summary']}"), highlight=False)
     for summary in report.causes_summary:
         console.print(escape(f"  [{summary.severity}] {summary.title}  ({summary.count} preview(s)) -> {summary.fix}"))
     console.print(f"report: {paths['html']}  json: {paths['json']}  junit: {paths['junit']}")

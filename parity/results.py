@@ -229,6 +229,7 @@ class CheckReport:
     kernels_reason: str = ""  # how it was chosen
     kernel_trials: list[dict[str, Any]] = field(default_factory=list)  # each profile tried on a step-0 preview
     fast_drift: dict[str, Any] | None = None  # --fast: measured against exact mode on the same previews
+    seed_recovery: dict[str, Any] | None = None  # drawn seeds found by replay (parity.check.recovery_summary)
 
     def __post_init__(self):
         if self.fail_on not in FAIL_ON:
@@ -298,6 +299,7 @@ class CheckReport:
             "kernels": {"profile": self.kernels, "chosen_by": self.kernels_reason,
                         "trials": [dict(t) for t in self.kernel_trials]},
             "measured_drift": {"step0": self.base_drift, "fast": self.fast_drift},
+            "seed_recovery": self.seed_recovery,
             "thresholds": self.thresholds.to_dict(),
             "ssim_convention": dict(self.ssim_convention),
             "fail_on": self.fail_on,
@@ -334,4 +336,5 @@ class CheckReport:
             kernels_reason=(data.get("kernels") or {}).get("chosen_by", ""),
             kernel_trials=list((data.get("kernels") or {}).get("trials") or []),
             fast_drift=(data.get("measured_drift") or {}).get("fast"),
+            seed_recovery=data.get("seed_recovery"),
         )
