@@ -463,23 +463,8 @@ def _replay_item(
     if drawn and job.training_seed is None:
         problems.append("seed -1: ai-toolkit drew a random seed and did not record it; not recoverable: the job "
                         "has no training_seed")
-    ctrl_img = None
-    if s.ctrl_img is not None:
-        found = find_reference_image(s.ctrl_img, job.path, assets_dir)
-        if found is None:
-            problems.append(
-                f"reference image {s.ctrl_img!r} not found (looked at that path, then for "
-                f"{_file_name(s.ctrl_img)!r} under --assets and the job folder)"
-            )
-        else:
-            ctrl_img = str(found)
+    ctrl_img = _reference_image(s.ctrl_img, job, assets_dir, problems)
     notes += _drift_notes(job, preview, rnd, s, weights)
-    if problems:
-        reason = "not replayable: " + "; ".join(problems)
-        if drawn and job.training_seed is not None:
-            reason += f"; seed drawn from training_seed {job.training_seed} (its draw still counts for the others)"
-    else:
-        reason = "; ".join(([drawn_seed_reason(job.training_seed)] if drawn else []) + notes)
     return ReplayItem(
         **base,
         prompt=s.prompt,
@@ -497,11 +482,32 @@ def _replay_item(
         ctrl_img_recorded=s.ctrl_img,
         unknown_flags=s.unknown_flags,
         replayable=not problems and not drawn,
-        reason=reason,
+        reason=_reason(problems, notes, job.training_seed if drawn else None),
         seed_source="drawn" if drawn else "config",
         seed_draw=rnd.draw_index[preview.prompt_index] if drawn else None,
         recoverable=not problems and drawn,
     )
+
+
+def _reference_image(recorded: str | None, job: JobFolder, assets_dir, problems: list[str]) -> str | None:
+    if recorded is None:
+        return None
+    found = find_reference_image(recorded, job.path, assets_dir)
+    if found is None:
+        problems.append(f"reference image {recorded!r} not found (looked at that path, then for "
+                        f"{_file_name(recorded)!r} under --assets and the job folder)")
+        return None
+    return str(found)
+
+
+def _reason(problems: list[str], notes: list[str], drawn_from: int | None) -> str:
+    """Why a preview cannot be replayed, or what to know about its replay; ``drawn_from``: the training_seed its
+    drawn seed came from (its draw counts in the offsets even when nothing else can be done with it)."""
+    if problems:
+        counted = "" if drawn_from is None else (
+            f"; seed drawn from training_seed {drawn_from} (its draw still counts for the others)")
+        return "not replayable: " + "; ".join(problems) + counted
+    return "; ".join(([drawn_seed_reason(drawn_from)] if drawn_from is not None else []) + notes)
 
 
 def _drift_notes(job: JobFolder, preview: Preview, rnd: _Round, s: PromptSettings, weights: str) -> list[str]:

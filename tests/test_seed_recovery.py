@@ -80,6 +80,17 @@ def test_without_training_seed_a_drawn_seed_is_plainly_not_replayable(tmp_path):
     assert item.reason.startswith("not replayable: seed -1") and "not recoverable: the job has no training_seed" in item.reason
 
 
+def test_a_drawn_preview_whose_checkpoint_is_gone_is_not_recoverable_but_its_draw_counts(tmp_path):
+    job = copy_job(tmp_path)
+    (job / "h_randseed.safetensors").unlink()
+    plan = build_plan(job)
+    item = next(i for i in plan.items if i.seed_source == "drawn" and i.step == 2)
+    assert (item.replayable, item.recoverable, item.seed_draw, item.round_draws) == (False, False, 0, 1)
+    assert "final checkpoint h_randseed.safetensors is missing" in item.reason
+    assert "seed drawn from training_seed 1234 (its draw still counts for the others)" in item.reason
+    assert [r.label for r in seeds.draw_rounds(plan.items)] == ["step 0", "step 2"]
+
+
 def test_a_job_level_training_seed_seeds_nothing(tmp_path):
     def move(config):
         config["config"]["training_seed"] = process(config).pop("training_seed")
