@@ -265,7 +265,7 @@ def recovery_summary(run: CheckRun, found: list[seeds.SeedRecovery], seconds: fl
         "candidates_tried": sum(len(r.trials) for r in found),
         "replays": sum(r.replays for r in found),
         "cached": sum(len(r.trials) - r.replays for r in found),
-        "anchors": len(found) - len(checked),
+        "anchors": sum(1 for r in found if r.trials and r.preview not in run.recoveries),
         "seconds": round(seconds, 2),
         "previews": [r.to_dict() for r in checked],
     }
