@@ -15,12 +15,12 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from parity import __version__, distributed
+from parity import __version__, distributed, seeds
 from parity.cache import read_replay
 from parity.cache import write_replay as save_png_atomic
 from parity.causes import LintContext, item_causes, lora_keys_cause
@@ -37,7 +37,7 @@ from parity.diagnose import (
 )
 from parity.errors import EnvironmentProblem, InputError
 from parity.jobfolder import read_job_folder
-from parity.plan import ReplayItem, ReplayPlan, build_plan
+from parity.plan import ReplayItem, ReplayPlan, build_plan, with_recovered_seed
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, Verdict, load_rgb, score_replay
@@ -62,6 +62,7 @@ class CheckOptions:
     images_dir: Path | None = None  # score images made elsewhere (named like the previews) instead of replays
     diagnose: bool = True  # flip knobs for every preview that does not pass
     diagnose_budget: int = 80  # most replays per preview when diagnosing
+    seed_search: int = seeds.SEARCH_WORDS  # words of training_seed's stream searched per drawn seed
 
 
 def select_items(plan: ReplayPlan, steps: str) -> list[ReplayItem]:
@@ -83,7 +84,7 @@ def select_items(plan: ReplayPlan, steps: str) -> list[ReplayItem]:
 
 
 def settings_of(item: ReplayItem) -> dict:
-    keys = ("prompt", "negative_prompt", "seed", "width", "height", "gen_width", "gen_height",
+    keys = ("prompt", "negative_prompt", "seed", "seed_source", "width", "height", "gen_width", "gen_height",
             "num_inference_steps", "guidance_scale", "network_multiplier", "lora_merged", "weights", "checkpoint",
             "ctrl_img")
     return {k: getattr(item, k) for k in keys}
@@ -108,6 +109,8 @@ class CheckRun:
     warnings: list[str] = field(default_factory=list)  # run-level notes beyond the plan's
     job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
     lora_effects: list[dict] = field(default_factory=list)  # per checked round: LoRA on vs off
+    recoveries: dict[str, seeds.SeedRecovery] = field(default_factory=dict)  # drawn seeds, by preview file
+    seed_recovery: dict | None = None  # the recovery's summary for the report
 
     @property
     def replays_dir(self) -> Path:
@@ -155,13 +158,14 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     """Check every selected preview of ``job_dir``; returns the CheckReport (reports not yet written)."""
     run = start(job_dir, options, progress)  # 1. plan and this run's folders
     calibrate(run)  # 2. the noise draw and kernels that reproduce the step-0 previews
-    mine = shard(run)  # 3. this rank's share of the previews
-    by_index = replay_and_score(run, mine)  # 4. replay (or reuse) and score each one
+    recover_seeds(run)  # 3. the seeds ai-toolkit drew for seed -1, found by replay
+    mine = shard(run)  # 4. this rank's share of the previews
+    by_index = replay_and_score(run, mine)  # 5. replay (or reuse) and score each one
     results = [by_index[i] for i in sorted(by_index)]
-    step0 = apply_noise_floor(run, results)  # 5. step-0 drift: hardware, not the LoRA
-    diagnose_all(run, results, step0)  # 6. name the cause of each mismatch by experiment
-    results = gather(run, by_index, results)  # 7. rank 0 collects every rank's results
-    return build_report(run, results)  # 8. the report (written by the caller)
+    step0 = apply_noise_floor(run, results)  # 6. step-0 drift: hardware, not the LoRA
+    diagnose_all(run, results, step0)  # 7. name the cause of each mismatch by experiment
+    results = gather(run, by_index, results)  # 8. rank 0 collects every rank's results
+    return build_report(run, results)  # 9. the report (written by the caller)
 
 
 def start(job_dir: str | Path, options: CheckOptions, progress) -> CheckRun:
@@ -182,10 +186,10 @@ def start(job_dir: str | Path, options: CheckOptions, progress) -> CheckRun:
 
 def calibrate(run: CheckRun) -> None:
     """Load the base model, choose the noise draw and (on CUDA) the kernels from the step-0 previews, and with
-    ``--fast`` measure it against exact mode. Nothing to do when no preview can be replayed. A probe replay that
+    ``--fast`` measure it against exact mode. Nothing to do when no preview can be replayed (or recovered). A probe replay that
     crashes (a size the model cannot render, say) does not end the run: the choice falls back, says why, and that
     preview's own replay becomes its ERROR."""
-    if not any(i.replayable for i in run.items):
+    if not any(i.replayable or i.recoverable for i in run.items):
         return
     replayer, options, dist = run.replayer, run.options, run.dist
     replayer.load()
@@ -220,6 +224,71 @@ def calibrate(run: CheckRun) -> None:
     if dist.is_main and options.replay.fast:
         run.say("measuring --fast against exact mode")
         run.fast_drift = replayer.fast_drift(replayer.step0_probes()[:1])
+
+
+def recover_seeds(run: CheckRun) -> None:
+    """Find the seeds ai-toolkit drew for this run's ``seed: -1`` previews by replaying the candidates of
+    training_seed's stream (``parity.seeds``); a recovered preview is replayed with its seed like any other. Rounds
+    before the last one checked are searched too: they anchor the later rounds' word offsets. The candidates'
+    replays go through the replay cache, so a re-run replays none."""
+    plan, started = run.plan, time.perf_counter()
+    wanted = {i.file for i in run.items if i.recoverable}
+    if not wanted:
+        return
+    rounds = seeds.draw_rounds(plan.items)
+    last = max(n for n, rnd in enumerate(rounds) if wanted & {i.file for i in rnd.previews.values()})
+    run.say("recovering drawn seeds")
+    gather = run.merged if run.dist.world > 1 else None
+    found = seeds.recover_seeds(rounds[: last + 1], plan.training_seed, run.options.seed_search,
+                                lambda item, seed: seed_trial(run, item, seed), (run.dist.rank, run.dist.world),
+                                gather)
+    run.recoveries = {r.preview: r for r in found if r.preview in {i.file for i in run.items}}
+    run.items = [recovered_item(run, item) for item in run.items]
+    run.seed_recovery = recovery_summary(run, found, time.perf_counter() - started)
+    run.clock.mark("seed recovery", f"{run.seed_recovery['replays']} replays")
+
+
+def seed_trial(run: CheckRun, item: ReplayItem, seed: int) -> tuple[float, str, bool]:
+    """Replay ``item`` with a candidate seed (or take it from the replay cache) and score it against its preview:
+    (SSIM, verdict, replayed). A candidate at PASS level or better is kept for the preview's own replay."""
+    candidate = replace(item, seed=seed, replayable=True)
+    replay = run.replayer.replay_or_cached(candidate, lookup=run.cached_pixels)
+    pixels = replay.wait()
+    if not replay.cached:
+        save_png_atomic(run.png(candidate, replay.key), pixels)
+    score = run.score_of(item, pixels)
+    if score.verdict in (Verdict.EXACT, Verdict.PASS):
+        run.fresh[replay.key] = pixels
+    return float(score.metrics.ssim), score.verdict.value, not replay.cached
+
+
+def recovered_item(run: CheckRun, item: ReplayItem) -> ReplayItem:
+    """``item`` with its recovered seed (replayable), or saying why its drawn seed was not recovered."""
+    recovery = run.recoveries.get(item.file)
+    if recovery is None or not item.recoverable:
+        return item
+    if recovery.recovered:
+        return with_recovered_seed(item, recovery.seed, run.plan.training_seed)
+    return replace(item, reason=f"not replayable: seed drawn from training_seed {run.plan.training_seed}, "
+                                f"{recovery.summary}")
+
+
+def recovery_summary(run: CheckRun, found: list[seeds.SeedRecovery], seconds: float) -> dict:
+    """The recovery in the report: the stream, the search size, its cost and each checked preview's record
+    (previews of earlier rounds searched only to anchor the offsets count in the cost, not in the list)."""
+    checked = [r for r in found if r.preview in run.recoveries]
+    return {
+        "training_seed": run.plan.training_seed,
+        "search_words": run.options.seed_search,
+        "recovered": sum(r.recovered for r in checked),
+        "drawn": len(checked),
+        "candidates_tried": sum(len(r.trials) for r in found),
+        "replays": sum(r.replays for r in found),
+        "cached": sum(len(r.trials) - r.replays for r in found),
+        "anchors": sum(1 for r in found if r.trials and r.preview not in run.recoveries),
+        "seconds": round(seconds, 2),
+        "previews": [r.to_dict() for r in checked],
+    }
 
 
 def shard(run: CheckRun) -> set[int]:
@@ -518,6 +587,7 @@ def gather(run: CheckRun, by_index: dict[int, PreviewResult], results: list[Prev
 
 def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
     options, replayer, plan = run.options, run.replayer, run.plan
+    note_recoveries(run, results)
     warnings = list(plan.warnings) + run.warnings
     family = plan.family
     profile = f"aitoolkit-{family.name}-preview"
@@ -542,11 +612,25 @@ def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
         fast_drift=run.fast_drift,
         job_causes=run.job_causes,
         lora_effects=run.lora_effects,
+        seed_recovery=run.seed_recovery,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,
         warnings=warnings,
     )
+
+
+def note_recoveries(run: CheckRun, results: list[PreviewResult]) -> None:
+    """Each drawn-seed preview's settings say what recovery found: the seed's word offset in training_seed's
+    stream and how it was confirmed, or what was tried."""
+    for result in results:
+        recovery = run.recoveries.get(result.preview_file)
+        if recovery is None:
+            continue
+        result.settings["seed_recovery"] = recovery.summary
+        if recovery.recovered:
+            result.settings["seed_offset"] = recovery.offset
+            result.settings["seed_confirmed_by"] = recovery.confirmed_by
 
 
 class PhaseClock:

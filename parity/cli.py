@@ -25,6 +25,7 @@ from rich.table import Table
 
 from parity import __version__
 from parity.errors import InputError, ParityError
+from parity.seeds import SEARCH_WORDS
 
 app = typer.Typer(
     add_completion=False,
@@ -114,10 +115,12 @@ def _write_outside_job(out: Path, job_dir: Path, text: str) -> None:
 def _print_plan(plan) -> None:
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    more = (f", {plan.recoverable_count} more once parity check recovers their drawn seed (training_seed "
+            f"{plan.training_seed})") if plan.recoverable_count else ""
     console.print(
         f"[bold]{plan.job_name}[/] ({plan.arch}): base {plan.base_model}, train {plan.train_dtype}, "
         f"save {plan.save_dtype}, quantize {plan.quantize} (te {plan.quantize_te}); "
-        f"{plan.replayable_count} of {len(plan.items)} previews replayable",
+        f"{plan.replayable_count} of {len(plan.items)} previews replayable{more}",
         highlight=False,
         soft_wrap=True,
     )
@@ -130,7 +133,7 @@ def _print_plan(plan) -> None:
         table.add_row(
             f"{item.step}{' first' if item.round == 'first_sample' else ''}",
             str(item.prompt_index),
-            _cell(item.seed),
+            "drawn" if item.seed_source == "drawn" else _cell(item.seed),
             "-" if item.width is None else f"{item.width}x{item.height}",
             "-" if item.gen_width is None else f"{item.gen_width}x{item.gen_height}",
             _cell(item.num_inference_steps),
@@ -138,7 +141,7 @@ def _print_plan(plan) -> None:
             _cell(item.network_multiplier),
             {True: "yes", False: "no", None: "-"}[item.lora_merged],
             (item.checkpoint or item.weights).removesuffix(".safetensors"),
-            "[green]yes[/]" if item.replayable else "[red]no[/]",
+            "[green]yes[/]" if item.replayable else "[yellow]seed?[/]" if item.recoverable else "[red]no[/]",
         )
     console.print(table)
     for (round_name, index), (prompt, negative) in sorted(prompts.items()):
@@ -146,7 +149,8 @@ def _print_plan(plan) -> None:
         console.print(f"{label}: {prompt!r}  negative: {negative!r}", highlight=False, soft_wrap=True)
     for item in plan.items:
         if not item.replayable:
-            console.print(f"[red]{item.file}[/]: {item.reason}", highlight=False, soft_wrap=True)
+            style = "yellow" if item.recoverable else "red"
+            console.print(f"[{style}]{item.file}[/]: {item.reason}", highlight=False, soft_wrap=True)
 
 
 def _cell(value) -> str:
@@ -212,6 +216,9 @@ _Fast = Annotated[bool, typer.Option("--fast", help="Faster replays whose last b
                                                     "OmniGen2): for CI smoke runs, never EXACT.")]
 _CudaGraphs = Annotated[bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same "
                                                 "pixels).")]
+_SeedSearch = Annotated[int, typer.Option(help="Words of training_seed's random stream searched for each seed "
+                                                 "ai-toolkit drew for seed -1 (each distinct candidate costs one "
+                                                 "replay).")]
 _Github = Annotated[bool | None, typer.Option("--github/--no-github", help="GitHub Actions output: a step summary "
                                               "in $GITHUB_STEP_SUMMARY and an error annotation per failing preview "
                                               "(default: when GITHUB_ACTIONS=true).")]
@@ -226,7 +233,7 @@ def check_command(
     kernel_search: _KernelSearch = 6, no_drift: _NoDrift = False, no_cache: _NoCache = False,
     pipeline: _Pipeline = "aitoolkit", diagnose: _Diagnose = True, images: _Images = None,
     ssim_pass: _SsimPass = None, psnr_pass: _PsnrPass = None, ssim_drift: _SsimDrift = None, fast: _Fast = False,
-    cuda_graphs: _CudaGraphs = True, github: _Github = None,
+    cuda_graphs: _CudaGraphs = True, github: _Github = None, seed_search: _SeedSearch = SEARCH_WORDS,
 ) -> None:
     """Replay every preview, score it against the preview and write report.html, parity.json and junit.xml.
 
@@ -245,7 +252,7 @@ def check_command(
         if not dist.is_main:
             raise typer.Exit(0)
         _write_reports_and_exit(report, out, github)
-    total = sum(1 for i in select_items(plan, steps) if i.replayable)
+    total = sum(1 for i in select_items(plan, steps) if i.replayable or i.recoverable)
     with progress_for(err_console, total) as progress:
         report = run_check(job_dir, options, progress=progress)
     _write_reports_and_exit(report, out, github)
@@ -253,7 +260,7 @@ def check_command(
 
 def _check_options(job_dir: Path, base_model, steps, device, dtype, out, fail_on, noise, lora, assets, cpu_profile,
                    kernels, kernel_search, no_drift, no_cache, pipeline, diagnose, images, ssim_pass, psnr_pass,
-                   ssim_drift, fast, cuda_graphs, **_):
+                   ssim_drift, fast, cuda_graphs, seed_search, **_):
     """``check``'s arguments validated (every problem the files can show before torch is imported and the model
     loaded) and turned into CheckOptions; returns them with the plan."""
     from parity.plan import build_plan
@@ -267,6 +274,8 @@ def _check_options(job_dir: Path, base_model, steps, device, dtype, out, fail_on
         raise InputError(None, f"--pipeline must be aitoolkit or server, got {pipeline!r}")
     if kernel_search < 1:
         raise InputError(None, f"--kernel-search must be at least 1, got {kernel_search}")
+    if seed_search < 1:
+        raise InputError(None, f"--seed-search must be at least 1 word, got {seed_search}")
     _check_device_name(device)
     plan = build_plan(job_dir, assets)
     check_out_dir(out, plan.job_dir)
@@ -294,7 +303,7 @@ def _check_options(job_dir: Path, base_model, steps, device, dtype, out, fail_on
                              kernel_profile=kernels, kernel_search=kernel_search, fast=fast,
                              cuda_graphs=cuda_graphs, cpu_profile=cpu_profile),
         steps=steps, out_dir=out, assets_dir=assets, fail_on=fail_on, thresholds=thresholds,
-        use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images,
+        use_cache=not no_cache, pipeline=pipeline, diagnose=diagnose, images_dir=images, seed_search=seed_search,
     ), plan
 
 

@@ -176,6 +176,7 @@ class JobFolder:
     previews: tuple[Preview, ...]
     checkpoints: tuple[Checkpoint, ...]
     warnings: tuple[str, ...] = ()
+    training_seed: int | None = None  # seeds Python's random (and torch) when training starts; None: not set
 
     def checkpoint_for_step(self, step: int) -> Checkpoint | None:
         """The intermediate checkpoint saved at ``step``, if it is still there."""
@@ -212,6 +213,7 @@ def read_job_folder(path: str | Path) -> JobFolder:
     first_raw = process.get("first_sample")
     previews, preview_warnings = list_previews(job_dir)
     warnings += preview_warnings
+    training_seed = _training_seed(process, job_config, where, warnings)
     return JobFolder(
         path=job_dir,
         config_file=config_file,
@@ -227,6 +229,7 @@ def read_job_folder(path: str | Path) -> JobFolder:
         previews=tuple(previews),
         checkpoints=tuple(list_checkpoints(job_dir, name)),
         warnings=tuple(warnings),
+        training_seed=training_seed,
     )
 
 
@@ -387,6 +390,24 @@ def _training_process(cfg: _Reader, job_config: dict[str, Any]) -> tuple[dict[st
     raise cfg.fail(
         f"no LoRA training process (process types {types}; expected one of {', '.join(TRAINER_TYPES)})"
     )
+
+
+def _training_seed(process: dict[str, Any], job_config: dict[str, Any], where: str,
+                   warnings: list[str]) -> int | None:
+    """The process's ``training_seed``: BaseTrainProcess calls ``random.seed`` with it when the process is built, so
+    the seeds drawn for ``seed: -1`` previews come from that stream. Its fallback, an attribute of the job object,
+    is set by no ai-toolkit job class: a job-level ``config.training_seed`` seeds nothing."""
+    value = process.get("training_seed")
+    if value is None and job_config.get("training_seed") is not None:
+        warnings.append(f"config.training_seed is ignored by ai-toolkit (only {where}.training_seed seeds "
+                        "Python's random): drawn seeds are not recoverable from it")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        warnings.append(f"{where}.training_seed {value!r} is not an integer: parity does not recover drawn seeds "
+                        "from it")
+        return None
+    return value
 
 
 def _model_settings(cfg: _Reader, process: dict[str, Any], where: str, train_dtype: str) -> ModelSettings:

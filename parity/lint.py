@@ -291,14 +291,28 @@ def _above_1mp(plan, item, ctx):
 
 @rule(
     "seed_random", "warning", "preview",
-    "ai-toolkit draws a random seed for seed: -1 and does not save it, so the preview cannot be replayed.",
-    "Set a fixed seed in the sample section (walk_seed keeps prompts distinct).",
+    "For seed: -1 ai-toolkit draws the seed with Python's random.randint(0, 2**32 - 1) and does not save it. "
+    "Python's random is seeded with the process's training_seed when training starts, so with training_seed set "
+    "the drawn seed is a value of a known stream at an unknown offset: parity check recovers it by replaying the "
+    "candidates (--seed-search words). Without training_seed (a job-level config.training_seed seeds nothing; the "
+    "SEED environment variable is not recorded) it cannot be recovered, and an inference run cannot draw the same "
+    "seed either.",
+    "Fix a seed in the sample section for previews you want to compare (walk_seed keeps prompts distinct); keep "
+    "training_seed set so that drawn seeds stay recoverable.",
     in_check=True,
 )  # fmt: skip
 def _seed_random(plan, item, ctx):
-    if item.seed is None and item.prompt is not None:
-        return Finding("seed -1: the preview used a random seed that was never recorded", {"seed": -1})
-    return None
+    if item.seed_source == "recovered":
+        return Finding(f"seed -1: drawn by ai-toolkit, recovered by replay from training_seed {plan.training_seed}",
+                       {"seed": item.seed, "training_seed": plan.training_seed}, "info")
+    if item.seed_source != "drawn" or item.prompt is None:
+        return None
+    if plan.training_seed is None:
+        return Finding("seed -1: drawn at random and never recorded; not recoverable: the job has no training_seed",
+                       {"seed": -1, "training_seed": None})
+    return Finding(f"seed -1: drawn at random and never recorded; recoverable from training_seed "
+                   f"{plan.training_seed} (parity check replays the candidates)",
+                   {"seed": -1, "training_seed": plan.training_seed})
 
 
 @rule(

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class ReplayItem:
     ms_time: int  # epoch milliseconds in the file name
     prompt: str | None  # after [trigger] replacement and flag parsing
     negative_prompt: str | None  # None when ai-toolkit's value is not text (the False default)
-    seed: int | None  # what torch.manual_seed received, as uint64; None = random (seed -1), unknowable
+    seed: int | None  # what torch.manual_seed received, as uint64; None = drawn for seed -1, not recorded
     width: int | None  # requested size after floor-to-8 and the 64 minimum (what the pipeline is asked for)
     height: int | None
     gen_width: int | None  # size the family's pipeline generates at (OmniGen2: 1 MP cap, floor-16; FLUX.1: floor-16)
@@ -55,6 +55,13 @@ class ReplayItem:
     unknown_flags: tuple[str, ...]  # prompt flags ai-toolkit dropped silently
     replayable: bool
     reason: str
+    # ai-toolkit draws seed -1 with random.randint(0, 2**32 - 1), Python's random seeded with training_seed:
+    # "config" (the config or a --seed flag set it), "drawn" (seed is None until parity check recovers it) or
+    # "recovered" (drawn, then found by replay: parity check's items only).
+    seed_source: str = "config"
+    seed_draw: int | None = None  # a drawn seed: which of its round's draws it is (0: the round's first)
+    round_draws: int = 0  # how many seeds ai-toolkit drew for this preview's round (each reads >= 2 words)
+    recoverable: bool = False  # drawn, training_seed known, nothing else stops the replay: check recovers it
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class ReplayPlan:
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     model_flags: dict[str, Any] = field(default_factory=dict)  # use_flux_cfg, attn_masking (jobfolder)
+    training_seed: int | None = None  # the process's training_seed: the stream drawn seeds come from
     items: tuple[ReplayItem, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -107,12 +115,17 @@ class ReplayPlan:
     def replayable_count(self) -> int:
         return sum(item.replayable for item in self.items)
 
+    @property
+    def recoverable_count(self) -> int:
+        return sum(item.recoverable for item in self.items)
+
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON types, in the documented schema."""
         data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         data["items"] = [_item_dict(item) for item in self.items]
         data["warnings"] = list(self.warnings)
-        data["summary"] = {"previews": len(self.items), "replayable": self.replayable_count}
+        data["summary"] = {"previews": len(self.items), "replayable": self.replayable_count,
+                           "seeds_to_recover": self.recoverable_count}
         return data
 
     def to_json(self) -> str:
@@ -169,6 +182,7 @@ def build_plan(job_dir: str | Path, assets_dir: str | Path | None = None) -> Rep
         network_kwargs=dict(job.network.network_kwargs),
         model_kwargs=dict(job.model.model_kwargs),
         model_flags=dict(job.model.flags),
+        training_seed=job.training_seed,
         items=tuple(items),
         warnings=job.warnings,
     )
@@ -192,6 +206,7 @@ class PromptSettings:
     network_multiplier: float
     ctrl_img: str | None
     unknown_flags: tuple[str, ...] = ()
+    seed_drawn: bool = False  # seed -1 before the flags: ai-toolkit drew one (a --seed flag replaces it after)
 
 
 def replace_trigger(prompt: str, trigger_word: str | None) -> str:
@@ -297,8 +312,9 @@ def round_prompt_settings(
         item = section.samples[i]  # ai-toolkit pairs prompt i with samples[i] even when an item had no prompt
         values: dict[str, Any] = {
             "negative_prompt": item.neg,
-            # seed -1 is drawn at random before the flags are read, and never recorded
+            # seed -1 is drawn before the flags are read (a --seed flag then replaces it) and never recorded
             "seed": None if seeds[i] == -1 else seeds[i],
+            "seed_drawn": seeds[i] == -1,
             "width": item.width,
             "height": item.height,
             "num_inference_steps": item.sample_steps,
@@ -367,11 +383,39 @@ class _Round:
     section: SampleSection
     settings: list[PromptSettings]
     merged: bool
+    draw_index: list[int | None]  # per prompt: which of the round's seed draws it made (None: no draw)
+
+    @property
+    def draws(self) -> int:
+        return sum(index is not None for index in self.draw_index)
+
+
+def draw_indices(settings: list[PromptSettings]) -> list[int | None]:
+    """Which draw each prompt of a round made: ai-toolkit builds every prompt's settings, in order, before the
+    round's first image, so the draws of one round are consecutive calls of ``random.randint``."""
+    indices, drawn = [], 0
+    for s in settings:
+        indices.append(drawn if s.seed_drawn else None)
+        drawn += s.seed_drawn
+    return indices
+
+
+def drawn_seed_reason(training_seed: int) -> str:
+    """What the plan says of a preview whose seed ai-toolkit drew and ``parity check`` can recover."""
+    return f"seed drawn from training_seed {training_seed}: to be recovered"
+
+
+def with_recovered_seed(item: ReplayItem, seed: int, training_seed: int) -> ReplayItem:
+    """``item`` (recoverable) replayable with the seed ``parity check`` recovered for it."""
+    if not item.recoverable:
+        raise ValueError(f"{item.file}: no drawn seed to recover ({item.reason})")
+    notes = item.reason.removeprefix(drawn_seed_reason(training_seed)).removeprefix("; ")
+    return replace(item, seed=seed, seed_source="recovered", replayable=True, recoverable=False, reason=notes)
 
 
 def _plan_round(job: JobFolder, section: SampleSection, kind: str) -> _Round:
     settings = round_prompt_settings(section, job.trigger_word, job.config_file, kind)
-    return _Round(kind, section, settings, lora_merged(settings, job))
+    return _Round(kind, section, settings, lora_merged(settings, job), draw_indices(settings))
 
 
 def _assign_rounds(job: JobFolder, previews: tuple[Preview, ...]) -> list[tuple[Preview, str]]:
@@ -410,6 +454,7 @@ def _replay_item(
         ms_time=preview.ms_time,
         weights=weights,
         checkpoint=checkpoint,
+        round_draws=rnd.draws,
     )
     if preview.prompt_index >= len(rnd.settings):
         problems.insert(
@@ -432,25 +477,12 @@ def _replay_item(
             f"negative prompt is {s.negative_prompt!r} (sample.neg defaults to False): ai-toolkit encodes the "
             "negative of every preview and crashes on one that is not text, so this preview cannot come from this config"
         )
-    if s.seed is None:
-        problems.append("seed -1: ai-toolkit drew a random seed and did not record it")
-    ctrl_img = None
-    if s.ctrl_img is not None:
-        found = find_reference_image(s.ctrl_img, job.path, assets_dir)
-        if found is None:
-            problems.append(
-                f"reference image {s.ctrl_img!r} not found (looked at that path, then for "
-                f"{_file_name(s.ctrl_img)!r} under --assets and the job folder)"
-            )
-        elif (unusable := reference_image_problem(found)) is not None:
-            problems.append(f"reference image {s.ctrl_img!r} cannot be used: {unusable}")
-        else:
-            ctrl_img = str(found)
+    drawn = s.seed is None
+    if drawn and job.training_seed is None:
+        problems.append("seed -1: ai-toolkit drew a random seed and did not record it; not recoverable: the job "
+                        "has no training_seed")
+    ctrl_img = _reference_image(s.ctrl_img, job, assets_dir, problems)
     notes += _drift_notes(job, preview, rnd, s, weights)
-    if problems:
-        reason = "not replayable: " + "; ".join(problems)
-    else:
-        reason = "; ".join(notes)
     return ReplayItem(
         **base,
         prompt=s.prompt,
@@ -467,9 +499,36 @@ def _replay_item(
         ctrl_img=ctrl_img,
         ctrl_img_recorded=s.ctrl_img,
         unknown_flags=s.unknown_flags,
-        replayable=not problems,
-        reason=reason,
+        replayable=not problems and not drawn,
+        reason=_reason(problems, notes, job.training_seed if drawn else None),
+        seed_source="drawn" if drawn else "config",
+        seed_draw=rnd.draw_index[preview.prompt_index] if drawn else None,
+        recoverable=not problems and drawn,
     )
+
+
+def _reference_image(recorded: str | None, job: JobFolder, assets_dir, problems: list[str]) -> str | None:
+    if recorded is None:
+        return None
+    found = find_reference_image(recorded, job.path, assets_dir)
+    if found is None:
+        problems.append(f"reference image {recorded!r} not found (looked at that path, then for "
+                        f"{_file_name(recorded)!r} under --assets and the job folder)")
+        return None
+    if (unusable := reference_image_problem(found)) is not None:
+        problems.append(f"reference image {recorded!r} cannot be used: {unusable}")
+        return None
+    return str(found)
+
+
+def _reason(problems: list[str], notes: list[str], drawn_from: int | None) -> str:
+    """Why a preview cannot be replayed, or what to know about its replay; ``drawn_from``: the training_seed its
+    drawn seed came from (its draw counts in the offsets even when nothing else can be done with it)."""
+    if problems:
+        counted = "" if drawn_from is None else (
+            f"; seed drawn from training_seed {drawn_from} (its draw still counts for the others)")
+        return "not replayable: " + "; ".join(problems) + counted
+    return "; ".join(([drawn_seed_reason(drawn_from)] if drawn_from is not None else []) + notes)
 
 
 def _drift_notes(job: JobFolder, preview: Preview, rnd: _Round, s: PromptSettings, weights: str) -> list[str]:

@@ -246,6 +246,7 @@ class CheckReport:
     fast_drift: dict[str, Any] | None = None  # --fast: measured against exact mode on the same previews
     job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
     lora_effects: list[dict[str, Any]] = field(default_factory=list)  # per checked round: LoRA on vs off
+    seed_recovery: dict[str, Any] | None = None  # drawn seeds found by replay (parity.check.recovery_summary)
 
     def __post_init__(self):
         if self.fail_on not in FAIL_ON:
@@ -340,6 +341,7 @@ class CheckReport:
             "kernels": {"profile": self.kernels, "chosen_by": self.kernels_reason,
                         "trials": [dict(t) for t in self.kernel_trials]},
             "measured_drift": {"step0": self.base_drift, "fast": self.fast_drift},
+            "seed_recovery": self.seed_recovery,
             "thresholds": self.thresholds.to_dict(),
             "ssim_convention": dict(self.ssim_convention),
             "fail_on": self.fail_on,
@@ -380,4 +382,5 @@ class CheckReport:
             fast_drift=(data.get("measured_drift") or {}).get("fast"),
             job_causes=[Cause.from_dict(c) for c in data.get("job_causes") or []],
             lora_effects=list(data.get("lora_effects") or []),
+            seed_recovery=data.get("seed_recovery"),
         )

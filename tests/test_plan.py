@@ -77,7 +77,8 @@ def test_plan_json_follows_its_schema(oracle_dir):
         data = json.loads(build_plan(oracle_dir / "jobs" / job).to_json())
         jsonschema.validate(data, schema)
         assert data["schema_version"] == 1
-        assert data["summary"] == {"previews": len(data["items"]), "replayable": len(data["items"])}
+        assert data["summary"] == {"previews": len(data["items"]), "replayable": len(data["items"]),
+                                   "seeds_to_recover": 0}
 
 
 def test_plan_modules_do_not_import_torch():
