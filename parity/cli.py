@@ -418,6 +418,12 @@ def _print_summary(report, paths) -> None:
     out.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items() if v)
     out.print(escape(f"{counts}  |  noise {report.noise_algorithm} ({report.noise_algorithm_reason})"))
+    if seeds := report.seed_recovery:
+        out.print(escape(f"drawn seeds: {seeds['recovered']} of {seeds['drawn']} recovered from training_seed "
+                         f"{seeds['training_seed']} ({seeds['replays']} replays, {seeds['cached']} from the cache, "
+                         f"{seeds['seconds']:.1f} s)"), highlight=False)
+        for record in seeds["previews"]:
+            out.print(escape(f"  {record['preview']}: {record['summary']}"), highlight=False)
     for cause in report.job_causes:  # proven by experiment: the answer, first
         ev = cause.evidence
         whole = " (the whole mismatch)" if ev.get("complete") else ""
