@@ -135,10 +135,18 @@ class CheckRun:
     def png(self, item: ReplayItem, key: str) -> Path:
         return self.replays_dir / f"{Path(item.file).stem}-{key[:16]}.png"
 
+    def experiment_png(self, item: ReplayItem, key: str) -> Path:
+        """Where a replay made to test a setting (diagnosis, the LoRA's effect) is cached: apart from the
+        previews' own replays, one per preview, in ``replays/``."""
+        return self.replays_dir / "experiments" / f"{Path(item.file).stem}-{key[:16]}.png"
+
     def keep_replay(self, item: ReplayItem, replay) -> None:
         """A diagnosis replay into the replay cache (a re-run finds it)."""
         if self.options.use_cache:
-            save_png_atomic(self.png(item, replay.key), replay.pixels)
+            save_png_atomic(self.experiment_png(item, replay.key), replay.pixels)
+
+    def cached_experiment(self, item: ReplayItem, key: str) -> np.ndarray | None:
+        return read_replay(self.experiment_png(item, key)) if self.options.use_cache else None
 
     def keep_probe(self, item: ReplayItem, algorithm: str | None, replay) -> None:
         self.fresh[replay.key] = replay.pixels
@@ -252,12 +260,21 @@ def seed_trial(run: CheckRun, item: ReplayItem, seed: int) -> tuple[float, str, 
     """Replay ``item`` with a candidate seed (or take it from the replay cache) and score it against its preview:
     (SSIM, verdict, replayed). A candidate at PASS level or better is kept for the preview's own replay."""
     candidate = replace(item, seed=seed, replayable=True)
-    replay = run.replayer.replay_or_cached(candidate, lookup=run.cached_pixels)
+
+    def lookup(found: ReplayItem, key: str) -> np.ndarray | None:
+        pixels = run.cached_pixels(found, key)
+        return pixels if pixels is not None else run.cached_experiment(found, key)
+
+    replay = run.replayer.replay_or_cached(candidate, lookup=lookup)
     pixels = replay.wait()
-    if not replay.cached:
-        save_png_atomic(run.png(candidate, replay.key), pixels)
     score = run.score_of(item, pixels)
-    if score.verdict in (Verdict.EXACT, Verdict.PASS):
+    kept = score.verdict in (Verdict.EXACT, Verdict.PASS)
+    if not replay.cached:  # the preview's own replay beside the others; a rejected candidate with the experiments
+        if kept:
+            save_png_atomic(run.png(candidate, replay.key), pixels)
+        else:
+            run.keep_replay(candidate, replay)
+    if kept:
         run.fresh[replay.key] = pixels
     return float(score.metrics.ssim), score.verdict.value, not replay.cached
 
@@ -457,7 +474,7 @@ def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect:
     first = [f for r, source in proven if (f := analogue(r.flip, source, item, run.plan)) is not None]
     diagnosed, _, found = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget,
                                  expect, target_name="the outside image" if options.images_dir else "the preview",
-                                 first=first, lookup=run.cached_pixels if run.plain else None,
+                                 first=first, lookup=run.cached_experiment if run.plain else None,
                                  keep=run.keep_replay if run.plain else None)
     if near_miss and not any(c.severity != "info" for c in diagnosed):
         diagnosed = [c for c in diagnosed if c.code != "lora_effect"] + [kernel_residual_cause(result, replayer)]
@@ -487,7 +504,7 @@ def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool)
                 continue
             run.say(f"testing {flip.label} on {result.preview_file}")
             tried = try_flip(run.replayer, flip, result.preview_path, run.options.thresholds,
-                             run.cached_pixels if run.plain else None, run.keep_replay if run.plain else None)
+                             run.cached_experiment if run.plain else None, run.keep_replay if run.plain else None)
             if tried is not None and (explains(tried, expect) or tried.gap_closed(baseline) >= PARTIAL_GAP_SHARE):
                 cause = rank_causes([tried], baseline, run.options.thresholds, expect)[0]
                 # shown by experiment to differ here too: an error even where the preview passes
@@ -498,7 +515,14 @@ def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool)
 
 def job_causes(results: list[PreviewResult]) -> list[Cause]:
     """Each knob proven by experiment, once for the job: which previews it explains, of those that did not match."""
-    mismatched = [r for r in results if r.score is not None and r.score.verdict != Verdict.EXACT]
+    def proven(result: PreviewResult) -> bool:
+        return any(c.evidence.get("proven") for c in result.causes)
+
+    def expected_residual(result: PreviewResult) -> bool:  # a PASS the files predict: nothing to explain
+        return result.score.verdict == Verdict.PASS and any(c.code == "predicted_residual" for c in result.causes)
+
+    mismatched = [r for r in results if r.score is not None and r.score.verdict != Verdict.EXACT
+                  and (proven(r) or not expected_residual(r))]
     by_code: dict[str, list[tuple[PreviewResult, Cause]]] = {}
     for result in mismatched:
         for cause in result.causes:
@@ -541,7 +565,7 @@ def measure_lora_effects(run: CheckRun, results: list[PreviewResult]) -> list[di
         seen_steps.add(item.step)
         run.say(f"measuring the LoRA's effect at step {item.step}")
         try:
-            off = run.replayer.replay_or_cached(item, lookup=run.cached_pixels, knobs=Knobs(lora=False))
+            off = run.replayer.replay_or_cached(item, lookup=run.cached_experiment, knobs=Knobs(lora=False))
             if not off.cached:
                 run.keep_replay(item, off)
             on = read_replay(Path(result.replay_png))
