@@ -485,7 +485,7 @@ def test_session_seam_values(session):
     with pytest.raises(ValueError, match="torch"):
         session.set_kernels("triton:16")
     assert {"transformer", "vae", "t5", "clip"} <= set(session.timings)
-    assert FAMILY.archs == ("flux",) and FAMILY.server_profile is None
+    assert FAMILY.archs == ("flux",) and FAMILY.server_profile == "ai-toolkit-inference-flux_dev"
 
 
 def test_deferred_render_gives_the_same_pixels(session):
