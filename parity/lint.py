@@ -37,8 +37,12 @@ from pipelines.registry import family_for
 
 SCOPES = ("job", "preview")
 BARELY_CHANGES_SSIM = 0.98  # first vs last preview of a prompt above this: the LoRA hardly changed anything
-# ai-toolkit-inference's defaults for a request that leaves them out (FACTS §6)
+# ai-toolkit-inference's defaults for a request that leaves them out (FACTS §6); the same for FLUX.1-dev
+# (src/pipelines/flux_dev.py CONFIG, base.py PipelineConfig: 25 steps, guidance 4.0, 1024x1024, seed 42 + i)
 IR_STEPS, IR_CFG, IR_SIZE, IR_FIRST_SEED, IR_JPEG_QUALITY = 25, 4.0, 1024, 42, 95
+IR_FLUX_BASE = "black-forest-labs/FLUX.1-dev"  # flux_dev.py FluxDevPipeline.CONFIG.base_model
+# the families whose ai-toolkit-inference pipeline goes through the shared request executor (src/tasks/executor.py)
+SERVED = ("omnigen2", "flux")
 PREVIEW_JPEG_QUALITY = 75  # ai-toolkit's image.save(path): Pillow's default
 _QUOTES = ("'", '"')
 
@@ -1094,7 +1098,7 @@ def _ir_size_floored(plan, item, ctx):
     "Previews are JPEG at Pillow's default quality 75 (4:2:0); ai-toolkit-inference returns JPEG quality 95. "
     "Two different losses cap the agreement even for identical pixels.",
     "Compare lossless outputs, or encode both the same way (parity encodes replays like the preview).",
-    families=("omnigen2",),
+    families=SERVED,
 )  # fmt: skip
 def _ir_jpeg_quality(plan, item, ctx):
     if plan.sample_format.lower() in ("jpg", "jpeg"):
@@ -1110,7 +1114,7 @@ def _ir_jpeg_quality(plan, item, ctx):
     "A request that leaves settings out gets ai-toolkit-inference's defaults (25 steps, cfg 4, 1024x1024), "
     "not the sample section's.",
     "Send steps, guidance scale, width and height with every request.",
-    families=("omnigen2",),
+    families=SERVED,
 )  # fmt: skip
 def _ir_defaults_differ(plan, item, ctx):
     prompts = ctx.prompts()
@@ -1134,7 +1138,7 @@ def _ir_defaults_differ(plan, item, ctx):
     "ir_default_seeds", "info", "job",
     "ai-toolkit-inference seeds prompt i with 42 + i when the request has no seed; the previews used other seeds.",
     "Send each preview's seed with the request (parity plan lists them).",
-    families=("omnigen2",),
+    families=SERVED,
 )  # fmt: skip
 def _ir_default_seeds(plan, item, ctx):
     other = {p.label: p.settings.seed for p in ctx.prompts()
@@ -1150,7 +1154,7 @@ def _ir_default_seeds(plan, item, ctx):
     "ai-toolkit-inference does not parse '--' flags: '--w 96 --seed 7 ...' would reach the model as prompt text "
     "and the settings they set in training would be lost.",
     "Strip the flags from the prompt and send their values as request fields.",
-    families=("omnigen2",),
+    families=SERVED,
 )  # fmt: skip
 def _ir_flags_not_parsed(plan, item, ctx):
     flagged = [p for p in ctx.prompts() if p.flags]
@@ -1167,13 +1171,90 @@ def _ir_flags_not_parsed(plan, item, ctx):
     "ai-toolkit-inference has one request-level LoRA multiplier; per-prompt multipliers of the previews "
     "cannot be expressed.",
     "Send one request per multiplier with loras[0].network_multiplier set to it.",
-    families=("omnigen2",),
+    families=SERVED,
 )  # fmt: skip
 def _ir_per_prompt_multiplier(plan, item, ctx):
     values = {p.label: p.settings.network_multiplier for p in ctx.prompts()}
     if len(set(values.values())) > 1:
         shown = ", ".join(f"{label}: {_g(m)}" for label, m in values.items())
         return Finding(f"per-prompt LoRA multipliers ({shown})", {"multipliers": values})
+    return None
+
+
+# where ai-toolkit-inference's FLUX.1-dev pipeline departs (src/pipelines/flux_dev.py, base.py; parity/server.py
+# renders each): informational
+
+
+@rule(
+    "ir_flux_lora_adapter_bf16", "info", "job",
+    "ai-toolkit-inference loads a FLUX.1 LoRA with diffusers' load_lora_weights as a PEFT adapter that it never "
+    "fuses (base.py _load_lora): A and B rounded to bf16, B(A(x)) * multiplier computed in bf16. The previews "
+    "merged it in float32 (rounded once) or ran it as a float32 side branch: the last bits differ.",
+    "Nothing to send differently; parity's server profile measures the effect (usually SSIM > 0.98).",
+    families=("flux",),
+)  # fmt: skip
+def _ir_flux_lora_adapter(plan, item, ctx):
+    rounds = sorted({i.step for i in plan.items if i.weights != "base"})
+    if rounds:
+        return Finding(f"the LoRA of steps {', '.join(map(str, rounds))} would run as a bf16 PEFT adapter",
+                       {"steps": rounds})  # fmt: skip
+    return None
+
+
+@rule(
+    "ir_flux_no_true_cfg", "info", "job",
+    "ai-toolkit-inference calls diffusers' FluxPipeline without true_cfg_scale (flux_dev.py _run_inference): "
+    "guidance goes into the guidance embedding and the negative prompt is dropped. The previews were sampled with "
+    "true CFG and the guidance embedding bypassed (model.use_flux_cfg).",
+    "No request field turns true CFG on: compare against a pipeline that runs it, or retrain without use_flux_cfg.",
+    families=("flux",),
+)  # fmt: skip
+def _ir_flux_no_true_cfg(plan, item, ctx):
+    if plan.model_flags.get("use_flux_cfg"):
+        return Finding("previews used true CFG (model.use_flux_cfg); ai-toolkit-inference never does")
+    return None
+
+
+@rule(
+    "ir_flux_no_attn_masking", "info", "job",
+    "ai-toolkit-inference's FluxPipeline feeds T5's padded positions as they come; the previews had them zeroed "
+    "(model.attn_masking).",
+    "No request field zeroes them: expect a small difference, or retrain without attn_masking.",
+    families=("flux",),
+)  # fmt: skip
+def _ir_flux_no_attn_masking(plan, item, ctx):
+    if plan.model_flags.get("attn_masking"):
+        return Finding("previews zeroed T5's padding (model.attn_masking); ai-toolkit-inference does not")
+    return None
+
+
+@rule(
+    "ir_flux_not_quantized", "info", "job",
+    "ai-toolkit-inference loads FLUX.1-dev with FluxPipeline.from_pretrained in bf16 and quantises nothing "
+    "(flux_dev.py _load_pipeline); the previews ran a quantised transformer and/or T5.",
+    "Expect the quantisation's difference (parity's server profile measures it), or train without quantize.",
+    families=("flux",),
+)  # fmt: skip
+def _ir_flux_not_quantized(plan, item, ctx):
+    parts = (["transformer"] if plan.quantize else []) + (["T5"] if plan.quantize_te else [])
+    if parts:
+        return Finding(f"previews ran a {plan.qtype}-quantised {' and '.join(parts)}; ai-toolkit-inference runs bf16",
+                       {"quantized": parts, "qtype": plan.qtype})  # fmt: skip
+    return None
+
+
+@rule(
+    "ir_flux_base_model", "info", "job",
+    "ai-toolkit-inference's flux model always loads black-forest-labs/FLUX.1-dev (flux_dev.py CONFIG.base_model); "
+    "a LoRA trained on another FLUX.1 (schnell, a fine-tune, Flex.1) runs there on other base weights.",
+    "Train on FLUX.1-dev, or serve the LoRA with the base model it was trained on.",
+    families=("flux",),
+)  # fmt: skip
+def _ir_flux_base_model(plan, item, ctx):
+    name = (plan.base_model or "").rstrip("/")
+    if name and name.split("/")[-1].lower() != IR_FLUX_BASE.split("/")[-1].lower():
+        return Finding(f"trained on {name}; ai-toolkit-inference serves {IR_FLUX_BASE}",
+                       {"base_model": name, "inference_base_model": IR_FLUX_BASE})  # fmt: skip
     return None
 
 

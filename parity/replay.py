@@ -25,6 +25,7 @@ from pipelines.registry import family_for
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
           "fp32": "float32", "float32": "float32", "float": "float32"}
 NOISE_CANDIDATES = calibrate.NOISE_CANDIDATES
+SERVER_MODES = ("server", "adapter")  # Knobs.merge_mode values that replace ai-toolkit's way with a server's
 
 
 @dataclass
@@ -55,7 +56,8 @@ class Knobs:
     options: tuple[tuple[str, object], ...] = ()  # family-specific (pipelines.family.KnobFlip.options)
     te_quantized: bool | None = None  # None: as the job did (model.quantize_te)
     lora: bool = True  # False: the base model alone
-    merge_mode: str = "aitoolkit"  # "aitoolkit": as the round did; "server": file-dtype B@A added in bf16
+    # "aitoolkit": as the round did; "server": file-dtype B@A added in bf16; "adapter": a bf16 PEFT adapter
+    merge_mode: str = "aitoolkit"
     output_size: str = "saved"  # "generation": return the generated image, not resized back (servers)
 
     def changed(self) -> dict:
@@ -224,12 +226,12 @@ class Replayer:
         use_lora = item.weights != "base" and knobs.lora
         path = self.lora_path(item.step, item.checkpoint) if use_lora else None
         multiplier = float(item.network_multiplier if item.network_multiplier is not None else 1.0)
-        server = knobs.merge_mode == "server"
+        server = knobs.merge_mode in SERVER_MODES
         merged = bool(item.lora_merged) and not self.plan.quantize
         history, missing = [], []
         if path is not None and merged and self.options.reproduce_drift and not server:
             history, missing = self.merge_history(item)
-        mode = "server" if server else ("merged" if merged else "hooks")
+        mode = knobs.merge_mode if server else ("merged" if merged else "hooks")
         state = WeightState(path, multiplier, mode, tuple(history))
         if path is None:
             words = "base model (step 0: the LoRA was still zero)" if item.step == 0 else "base model"
@@ -245,7 +247,8 @@ class Replayer:
         rounded = [p.name for p, _ in history if p.parent == self.job_dir and "float16" in self.read_lora(p).dtypes]
         if rounded:
             residuals.append(f"merge drift replayed from float16 checkpoints ({', '.join(rounded)}), not the fp32 weights")
-        how = {"merged": "merged", "hooks": "unmerged side branch", "server": "fused like the server"}[mode]
+        how = {"merged": "merged", "hooks": "unmerged side branch", "server": "fused like the server",
+               "adapter": "bf16 adapter like the server"}[mode]
         words = f"{path.name} ({source}, {how} x{multiplier:g}, {{layers}} layers)"
         if history:
             words += f", base drifted by {len(history)} earlier merge round(s)"

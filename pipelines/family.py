@@ -68,7 +68,8 @@ class WeightState:
     """What the transformer runs with for one preview.
 
     ``mode``: "merged" (ai-toolkit's fp32 merge into the base), "hooks" (unmerged side branch), "server" (the
-    inference server's fuse in the model dtype). ``history``: earlier merged rounds (LoRA file, multiplier) whose
+    inference server's fuse in the model dtype), "adapter" (the inference server's unfused PEFT adapter in the
+    model dtype). ``history``: earlier merged rounds (LoRA file, multiplier) whose
     merge and merge-out drifted the base before this round, oldest first.
     """
 

@@ -18,7 +18,8 @@ from pipelines.family import LoadSpec, ModelDirError, RenderRequest, WeightState
 from pipelines.flux import lora_keys, quirks, rules
 from pipelines.flux.family import FAMILY, check_model_dir, knob_flips, lora_targets
 from pipelines.flux.scheduler import calculate_shift, flux_schedule, requested_sigmas
-from pipelines.flux.session import folder_fingerprint, load_session
+from pipelines.common.files import model_fingerprint
+from pipelines.flux.session import load_session
 
 TINY = ORACLE_DIR / "tiny_flux"
 JOBS = ("flux_basic", "flux_odd")
@@ -479,12 +480,12 @@ def test_lora_targets_of_a_folder_are_the_session_modules(session):
 
 
 def test_session_seam_values(session):
-    assert session.fingerprint == folder_fingerprint(TINY) and len(session.fingerprint) == 16
+    assert session.fingerprint == model_fingerprint(TINY) and len(session.fingerprint) == 64
     assert session.kernel_candidates(8) == ["torch"] and session.kernels == "torch"
     with pytest.raises(ValueError, match="torch"):
         session.set_kernels("triton:16")
     assert {"transformer", "vae", "t5", "clip"} <= set(session.timings)
-    assert FAMILY.archs == ("flux",) and FAMILY.server_profile is None
+    assert FAMILY.archs == ("flux",) and FAMILY.server_profile == "ai-toolkit-inference-flux_dev"
 
 
 def test_deferred_render_gives_the_same_pixels(session):

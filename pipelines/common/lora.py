@@ -11,6 +11,9 @@ ai-toolkit quirks reproduced here (its ``network_mixins.py``):
 - unmerged (side branch): ``y = base(x) + dtype(B(A(float32(x))) * scale * m)``, skipped when ``m == 0``;
 - scale is ``alpha / rank`` when the file has ``.alpha`` keys; ai-toolkit's own files have none (scale 1).
 
+Two inference-server ways are here too, to measure what they change: OmniGen2's fuse in the model dtype
+(``merge_like_server``) and FLUX.1's unfused PEFT adapter in the model dtype (``attach_like_peft``).
+
 Base weights are restored exactly from a snapshot of the pristine tensors, never by subtracting.
 """
 
@@ -295,6 +298,23 @@ class LoraPatcher:
             changed += 1
         return changed
 
+    def attach_like_peft(self, lora: LoraFile, multiplier: float) -> int:
+        """ai-toolkit-inference's FLUX.1 LoRA: diffusers ``load_lora_weights`` makes it a PEFT adapter that is never
+        fused (src/pipelines/base.py ``_load_lora``, SET_ADAPTERS). PEFT casts A and B to the layer's dtype
+        (tuners_utils ``_move_adapter_to_device_of_base_layer``) and its ``lora.Linear.forward`` adds
+        ``B(A(x)) * scaling`` in that dtype, ``scaling = m * alpha / rank`` (diffusers ``set_adapters`` scale)."""
+        count = 0
+        for name, module in lora.modules.items():
+            target = self.targets.get(name)
+            if target is None:
+                continue
+            hook = target.register_forward_hook(_peft_branch(module, multiplier, target.weight))
+            self._hooks.append(hook)
+            count += 1
+        if count:
+            self._hooks_changed()
+        return count
+
     def merge_out(self, lora: LoraFile, multiplier: float) -> int:
         """ai-toolkit's merge-out: merge again with ``-|multiplier|``."""
         return self.merge(lora, -abs(multiplier))
@@ -365,6 +385,20 @@ def _side_branch(module: LoraModule, multiplier: float, device: torch.device):
     return hook
 
 
+def _peft_branch(module: LoraModule, multiplier: float, weight: torch.Tensor):
+    dtype = weight.dtype  # a quanto weight reports its float dtype
+    down = module.down.to(weight.device, dtype)
+    up = module.up.to(weight.device, dtype)
+    scaling = multiplier * module.scale  # a Python float, as PEFT multiplies by it
+
+    def hook(layer, inputs, output):
+        x = inputs[0]
+        if hasattr(x, "dequantize"):
+            x = x.dequantize()
+        return output + nn.functional.linear(nn.functional.linear(x.to(dtype), down), up) * scaling
+
+    return hook
+
 
 class WeightManager:
     """Puts a transformer in one :class:`pipelines.family.WeightState` after another, the base restored bit for
@@ -397,10 +431,12 @@ class WeightManager:
             lora = self.read(state.lora)
             if state.mode == "server":
                 patcher.merge_like_server(lora, state.multiplier)
+            elif state.mode == "adapter":
+                patcher.attach_like_peft(lora, state.multiplier)
             elif state.mode == "merged":
                 patcher.merge(lora, state.multiplier)
             elif state.mode == "hooks":
                 patcher.attach(lora, state.multiplier)
             else:
-                raise ValueError(f"unknown weight mode {state.mode!r}: merged, hooks or server")
+                raise ValueError(f"unknown weight mode {state.mode!r}: merged, hooks, server or adapter")
         self.state = state

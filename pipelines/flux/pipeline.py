@@ -25,6 +25,8 @@ from pipelines.flux.scheduler import euler_step, flux_schedule
 OPTIONS = {
     "true_cfg": "model.use_flux_cfg: FluxWithCFGPipeline (guidance embedding bypassed, negative prompt used)",
     "attn_masking": "model.attn_masking: T5's padded output positions zeroed",
+    "transformer_quantized": "model.quantize: the transformer with quanto (the session picks the model)",
+    "te_quantized": "model.quantize_te: T5 with quanto (the session picks the model)",
 }
 OUTPUT_SIZES = ("saved", "generation")  # the same for FLUX.1: previews are saved at the generation size
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts

@@ -16,11 +16,11 @@ from pipelines.common.files import model_fingerprint
 from pipelines.common.lora import LoraFile, LoraPatcher, WeightManager, linear_modules, match_lora, read_lora
 from pipelines.family import Done, LoadSpec, Rendered, RenderRequest, WeightState
 from pipelines.flux import lora_keys
-from pipelines.flux.loading import Components, load_components
+from pipelines.flux.loading import Components, load_components, load_t5, load_transformer
 from pipelines.flux.pipeline import FluxReplayPipeline
 
 KERNELS = ("torch",)  # PyTorch's own kernels: what ai-toolkit's FLUX.1 path runs on a CPU and on a GPU
-MODES = ("merged", "hooks", "server")
+MODES = ("merged", "hooks", "server", "adapter")
 
 
 class FluxSession:
@@ -28,6 +28,10 @@ class FluxSession:
 
     ``fast`` is kept for the protocol but changes nothing: FLUX.1 has no faster inexact path here, every
     replay runs ai-toolkit's exact numerics.
+
+    A request's options ``transformer_quantized`` / ``te_quantized`` (default: the job's ``model.quantize`` /
+    ``quantize_te``) pick the transformer / T5 with or without quanto: the other one is loaded once, on first
+    use, and the weight state is applied to whichever transformer renders.
     """
 
     def __init__(self, components: Components, spec: LoadSpec):
@@ -47,6 +51,9 @@ class FluxSession:
         self.fast = spec.fast
         self.weights = WeightManager(self.patcher, self.read_lora)
         self._loras: dict[tuple[str, int, int], LoraFile] = {}
+        self._state = WeightState()
+        self._transformers = {components.quantized: (components.transformer, self.weights)}
+        self._t5s = {components.quantized_te: components.text_encoder_2}
 
     # ------------------------------------------------------------------------------------------- LoRA files
 
@@ -68,20 +75,43 @@ class FluxSession:
     def set_weights(self, state: WeightState) -> None:
         """Put the transformer in ``state``. "merged": ai-toolkit's fp32 merge on the base drifted by
         ``history`` (each earlier round merged and merged out); "hooks": an unmerged side branch; "server":
-        the inference server's fuse. A quantised transformer always runs hooks, on an undrifted base: ai-toolkit
-        cannot merge into it (network_mixins.py merge_in). Nothing is redone when ``state`` is unchanged."""
+        the OmniGen2 server's fuse; "adapter": ai-toolkit-inference's FLUX.1 PEFT adapter. A quantised transformer
+        runs hooks (or the adapter) on an undrifted base: ai-toolkit cannot merge into it (network_mixins.py
+        merge_in). Nothing is redone when ``state`` is unchanged."""
         if state.mode not in MODES:
             raise ValueError(f"WeightState.mode must be one of {', '.join(MODES)}, got {state.mode!r}")
-        if self.c.quantized and state.lora is not None:
-            state = WeightState(state.lora, state.multiplier, "hooks", ())
-        elif self.c.quantized:
+        self._state = state
+        self._apply_state()
+
+    def _apply_state(self) -> None:
+        state = self._state
+        if self.c.quantized and state.lora is None:
             state = WeightState()
+        elif self.c.quantized:
+            state = WeightState(state.lora, state.multiplier, "adapter" if state.mode == "adapter" else "hooks", ())
         self.weights.apply(state)
+
+    def _select_models(self, request: RenderRequest) -> None:
+        """The transformer and T5, quantised or not, that ``request`` asks for (loaded once when first asked)."""
+        c, spec = self.c, self.spec
+        quantized = bool(request.option("transformer_quantized", spec.quantize))
+        if quantized not in self._transformers:
+            transformer = load_transformer(c.root, c.dtype, c.device, spec.qtype if quantized else None)
+            self._transformers[quantized] = (transformer, WeightManager(LoraPatcher(transformer), self.read_lora))
+        transformer, weights = self._transformers[quantized]
+        if transformer is not c.transformer:
+            c.transformer, c.quantized, self.weights, self.patcher = transformer, quantized, weights, weights.patcher
+            self._apply_state()
+        te_quantized = bool(request.option("te_quantized", spec.quantize_te))
+        if te_quantized not in self._t5s:  # model.qtype, as load_session quantises T5
+            self._t5s[te_quantized] = load_t5(c.root, c.dtype, c.device, spec.qtype if te_quantized else None)
+        c.text_encoder_2, c.quantized_te = self._t5s[te_quantized], te_quantized
 
     # ------------------------------------------------------------------------------------------- rendering
 
     def render(self, request: RenderRequest, deferred: bool = False) -> Rendered:
         """Replay ``request`` on the current weights; ``deferred``: return once the decode is queued."""
+        self._select_models(request)
         output = self.pipeline(request, deferred=deferred)
         return output.pending if deferred else Done(output.pixels)
 
