@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fixtures import ORACLE_DIR
+from pipelines.common.files import model_fingerprint
 from pipelines.family import LoadSpec, ModelDirError, RenderRequest, WeightState
 from pipelines.flux import lora_keys, quirks, rules
 from pipelines.flux.family import FAMILY, check_model_dir, knob_flips, lora_targets
 from pipelines.flux.scheduler import calculate_shift, flux_schedule, requested_sigmas
-from pipelines.common.files import model_fingerprint
 from pipelines.flux.session import load_session
 
 TINY = ORACLE_DIR / "tiny_flux"
