@@ -36,16 +36,18 @@ def seed_fault(folder: Path) -> Path:
 def check(job: Path, out: Path, steps: str) -> dict:
     command = [sys.executable, "-m", "parity", "check", str(job), "--base-model", str(ORACLE / "tiny_omnigen2"),
                "--cpu-profile", "avx2", "--steps", steps, "--out", str(out)]
-    before = set((out / "replays").glob("*.png")) if (out / "replays").is_dir() else set()
+    before = set((out / "replays").rglob("*.png")) if (out / "replays").is_dir() else set()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     report = json.loads((out / "parity.json").read_text())
     failing = [p for p in report["previews"] if p["outcome"] not in ("EXACT", "PASS")]
-    new = len(set((out / "replays").glob("*.png")) - before)
+    new = len(set((out / "replays").rglob("*.png")) - before)  # experiments/ (diagnosis, LoRA effect) included
     return {"exit": done.returncode, "seconds": round(seconds, 1), "previews": len(report["previews"]),
             "failing": len(failing), "new_replays": new,
-            "replays_per_failing": round((new - len(report["previews"])) / len(failing), 1) if failing else 0,
+            # beyond one replay per preview and one LoRA-off replay per round (a clean run has those too)
+            "replays_per_failing": round((new - len(report["previews"]) - len(report.get("lora_effects", [])))
+                                         / len(failing), 1) if failing and new else 0,
             "job_causes": [(c["code"], c["evidence"].get("explains"), c["evidence"].get("of"))
                            for c in report.get("job_causes", [])]}
 
