@@ -127,9 +127,10 @@ def fixed(name: str, whole: float) -> float:
 
 
 def comparable(preview):
-    """Everything but where the replay PNG lies (each run has its own folder)."""
+    """Everything but where the replay PNG lies (each run has its own folder) and how long it took."""
     preview = dict(preview)
     preview["replay_png"] = Path(preview["replay_png"]).name if preview.get("replay_png") else None
+    preview.pop("seconds", None)
     return preview
 
 

@@ -436,4 +436,4 @@ class Replayer:
             pixels = lookup(item, key)
             if pixels is not None:
                 return Replay(pixels, key, info["weights"], info["residuals"], info["lora_problem"], cached=True)
-        return self.replay(item, algorithm, knobs, deferred=deferred)
+        return self.replay(item, algorithm, knobs=knobs, deferred=deferred)

@@ -38,6 +38,7 @@ def comparable(report: dict) -> dict:
     for p in report["previews"]:
         p = dict(p)
         p["replay_png"] = os.path.basename(p["replay_png"]) if p.get("replay_png") else None
+        p.pop("seconds", None)
         previews.append(p)
     keep = {k: v for k, v in report.items() if k not in ("previews", "created", "generated", "report_dir")}
     return {"run": keep, "previews": previews}
