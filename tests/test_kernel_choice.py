@@ -74,7 +74,7 @@ def test_a_set_identical_on_the_first_preview_only_goes_on_to_the_next(fake_kern
 def test_cached_replays_are_not_replayed(fake_kernels):
     log = []
     r = replayer(log)
-    r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}", {"weights": "base", "residuals": [],
+    r.prepare = lambda item, algorithm=None, knobs=None: (f"k{item.prompt_index}", {"weights": "base", "residuals": [],
                                                                         "lora_problem": None})
     cached = {"k0": ("triton:16", 0)}  # the noise choice replayed the first preview with the likeliest set
     spec, _ = r.choose_kernels(scorer(made_with("triton:16")), lookup=lambda item, key: cached.get(key))
@@ -110,7 +110,7 @@ def test_torchrun_ranks_check_the_cached_likeliest_set_first(fake_kernels, run_r
 
     def work(rank, gather):
         r = replayer(logs[rank])
-        r.prepare = lambda item, algorithm=None: (f"k{item.prompt_index}-{r.kernels}",
+        r.prepare = lambda item, algorithm=None, knobs=None: (f"k{item.prompt_index}-{r.kernels}",
                                                   {"weights": "base", "residuals": [], "lora_problem": None})
         cache = {"k0-triton:16": ("triton:16", 0)}  # the noise choice's replay of the first preview
         chosen = r.choose_kernels(scorer(made_with(made)), part=(rank, world), gather=gather,

@@ -145,7 +145,7 @@ def test_probes_in_the_replay_cache_are_not_replayed_again(monkeypatch):
     """A re-run: every first-preview replay is in the cache already, so the choice replays nothing."""
     log = []
     replayer = fake_replayer(monkeypatch, log)
-    replayer.prepare = lambda item, algorithm=None: (f"{algorithm}|{item.prompt_index}", {
+    replayer.prepare = lambda item, algorithm=None, knobs=None: (f"{algorithm}|{item.prompt_index}", {
         "weights": "base", "residuals": [], "lora_problem": None})
     seen = []
 
