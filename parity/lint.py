@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity.errors import EnvironmentProblem, InputError
+from parity.errors import InputError
 from parity.jobfolder import TRAINER_TYPES, JobFolder, SampleItem, SampleSection, load_config, read_job_folder
 from parity.plan import (
     PromptSettings,
@@ -197,19 +197,10 @@ class LintContext:
     def skeleton(self):
         """(meta-device transformer, what it is) for matching LoRA keys and shapes."""
         if self._skeleton is None:
-            from parity.lora_report import transformer_skeleton
-            from pipelines.common.files import resolve_model_dir
-            from pipelines.family import ModelDirError
+            from parity.lora_report import base_model_dir, transformer_skeleton
 
             base = self.base_model or _local_base_model(self.job)
-            root = None
-            if base is not None:
-                try:
-                    root = resolve_model_dir(base)
-                except ModelDirError as exc:
-                    if exc.missing:
-                        raise EnvironmentProblem(exc.path, "base model not found") from None
-                    raise InputError(exc.path, exc.problem) from None
+            root = base_model_dir(base) if base is not None else None
             self._skeleton = transformer_skeleton(family_for(self.job.model.arch), root)
         return self._skeleton
 

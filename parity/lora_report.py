@@ -178,21 +178,29 @@ def inspect_lora(path: str | Path, base_model: str | Path | None = None) -> Lora
     return report
 
 
+def base_model_dir(base_model: str | Path) -> Path:
+    """A base model folder (or Hugging Face id in the local cache), or one line: EnvironmentProblem when it is not
+    on this machine, InputError when it is not a folder."""
+    from pipelines.common.files import resolve_model_dir
+    from pipelines.family import ModelDirError
+
+    try:
+        return resolve_model_dir(base_model)
+    except ModelDirError as exc:
+        if exc.missing:
+            raise EnvironmentProblem(exc.path, "base model not found") from None
+        raise InputError(exc.path, exc.problem) from None
+
+
 def lora_family(header: dict[str, Any], base_model: str | Path | None):
     """(family, meta-device skeleton) a LoRA is checked against: the family whose transformer config
     ``base_model`` has, else the one its metadata names, else the one whose module names it uses most."""
-    from pipelines.common.files import resolve_model_dir
     from pipelines.family import ModelDirError
     from pipelines.registry import families
 
     every = [f for f in families() if f.skeleton is not None]
     if base_model is not None:
-        try:
-            root = resolve_model_dir(base_model)
-        except ModelDirError as exc:
-            if exc.missing:
-                raise EnvironmentProblem(exc.path, "base model not found") from None
-            raise InputError(exc.path, exc.problem) from None
+        root = base_model_dir(base_model)
         problems = []
         for family in every:
             try:
