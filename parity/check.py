@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity import __version__, distributed, seeds
+from parity import __version__, catalogue, distributed, seeds
 from parity.cache import read_replay
 from parity.cache import write_replay as save_png_atomic
 from parity.causes import LintContext, item_causes, lora_keys_cause
@@ -37,12 +37,17 @@ from parity.diagnose import (
 )
 from parity.errors import EnvironmentProblem, InputError
 from parity.jobfolder import read_job_folder
+from parity.lint import job_codes
 from parity.plan import ReplayItem, ReplayPlan, build_plan, with_recovered_seed
+from parity.progress import Tick
 from parity.replay import Replayer, ReplayOptions
 from parity.results import Cause, CheckReport, PreviewResult
 from parity.scores import Thresholds, Verdict, load_rgb, score_replay
 from reports.html import save_card_images
 
+# The causes check reads from the replays themselves (parity/catalogue.py), besides lint's and diagnosis's.
+OUTCOMES = ("predicted_residual", "kernel_residual", "within_noise_floor", "lora_effect", "lora_barely_changes",
+            "diagnosis_tried")
 # A LoRA whose replay with and without it agree above this SSIM barely changes the image (lint uses it too).
 BARELY_CHANGES_SSIM = 0.98
 # Step-0 previews the kernel choice replays in a run that checks none of them itself (--steps latest): enough to
@@ -111,6 +116,7 @@ class CheckRun:
     lora_effects: list[dict] = field(default_factory=list)  # per checked round: LoRA on vs off
     recoveries: dict[str, seeds.SeedRecovery] = field(default_factory=dict)  # drawn seeds, by preview file
     seed_recovery: dict | None = None  # the recovery's summary for the report
+    diagnosis: dict | None = None  # what diagnosis cost: previews, experiments, replays, seconds
 
     @property
     def replays_dir(self) -> Path:
@@ -128,6 +134,11 @@ class CheckRun:
     def say(self, text: str) -> None:
         if self.progress:
             self.progress(text)
+
+    def tick(self, phase: str, done: int, total: int, name: str) -> None:
+        """Item ``done`` of ``total`` of a counted phase starts (the progress shows the count and the time left)."""
+        if self.progress:
+            self.progress(Tick(phase, done, total, name))
 
     def score_of(self, item: ReplayItem, pixels: np.ndarray):
         return score_replay(self.samples / item.file, pixels, self.options.thresholds)
@@ -430,20 +441,25 @@ def diagnose_all(run: CheckRun, results: list[PreviewResult], step0: list[Previe
     setting shown to differ is an error wherever it applies); one knob that explains several previews becomes
     one job-level cause. Then each preview's causes are ranked."""
     options = run.options
+    started = time.perf_counter()
+    tried: list[FlipResult] = []  # every experiment, for the cost summary
     if options.diagnose and options.pipeline == "aitoolkit":
         by_file = {item.file: item for item in run.items}
         # Where this machine reproduces a base-only preview bit for bit, only EXACT explains a mismatch.
         base_exact = any(r.step == 0 and r.score is not None and r.score.verdict == Verdict.EXACT for r in step0)
         proven: list[tuple[FlipResult, ReplayItem]] = []
-        for result in results:
-            stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
-            if needs_diagnosis(result, stop_at):
-                run.say(f"diagnosing {result.preview_file}")
-                found = diagnose_one(run, result, by_file[result.preview_file], expected(result, stop_at), proven)
-                if found is not None:
-                    proven.append((found, by_file[result.preview_file]))
-        confirm_elsewhere(run, results, by_file, proven, base_exact)
+        stop_at = "EXACT" if base_exact and not options.images_dir else "PASS"
+        failing = [r for r in results if needs_diagnosis(r, stop_at)]
+        lint_codes = job_lint_codes(run) if failing else []
+        for n, result in enumerate(failing, 1):
+            run.tick("diagnosing", n, len(failing), result.preview_file)
+            found = diagnose_one(run, result, by_file[result.preview_file], expected(result, stop_at), proven,
+                                 lint_codes, tried)
+            if found is not None:
+                proven.append((found, by_file[result.preview_file]))
+        confirm_elsewhere(run, results, by_file, proven, base_exact, tried)
         run.job_causes = job_causes(results)
+        run.diagnosis = diagnosis_summary(len(failing), tried, time.perf_counter() - started)
     if options.diagnose and options.pipeline == "aitoolkit" and not options.images_dir:
         run.lora_effects = measure_lora_effects(run, results)
     for result in results:
@@ -457,7 +473,27 @@ def expected(result: PreviewResult, stop_at: str) -> str:
     return "PASS" if predicted else stop_at
 
 
-def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect: str, proven) -> FlipResult | None:
+def diagnosis_summary(previews: int, tried: list[FlipResult], seconds: float) -> dict:
+    """What diagnosis cost: the previews it diagnosed, the experiments it ran (replays made now or taken from the
+    replay cache) and its wall time, proving what was proven on other previews included."""
+    replays = sum(not r.cached for r in tried)
+    return {"previews": previews, "experiments": len(tried), "replays": replays, "cached": len(tried) - replays,
+            "per_preview": round(len(tried) / previews, 2) if previews else 0.0, "seconds": round(seconds, 2)}
+
+
+def job_lint_codes(run: CheckRun) -> list[str]:
+    """The job-level lint findings (a seed carried over, multipliers that differ in a round...): diagnosis tries
+    the experiments they point to first. A rule that cannot read the job points nowhere."""
+    try:
+        return job_codes(run.plan, run.lint)
+    except Exception:
+        return []
+
+
+def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect: str, proven,
+                 lint_codes: list[str] = (), tried: list[FlipResult] | None = None) -> FlipResult | None:
+    """Bisect one mismatch: explanations proven elsewhere in the job first, then what lint points to (the job's
+    findings and this preview's own), then the rest by likelihood."""
     options, replayer = run.options, run.replayer
     target, baseline = result.preview_path, result.score.metrics.ssim
     if options.images_dir:
@@ -472,10 +508,13 @@ def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect:
     if near_miss:  # weights, templates, negatives, not seeds
         budget = min(budget, 24)
     first = [f for r, source in proven if (f := analogue(r.flip, source, item, run.plan)) is not None]
-    diagnosed, _, found = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget,
+    diagnosed, results, found = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget,
                                  expect, target_name="the outside image" if options.images_dir else "the preview",
                                  first=first, lookup=run.cached_experiment if run.plain else None,
-                                 keep=run.keep_replay if run.plain else None)
+                                 keep=run.keep_replay if run.plain else None,
+                                 suspects=catalogue.suspects_of([*lint_codes, *(c.code for c in result.causes)]))
+    if tried is not None:
+        tried.extend(results)
     if near_miss and not any(c.severity != "info" for c in diagnosed):
         diagnosed = [c for c in diagnosed if c.code != "lora_effect"] + [kernel_residual_cause(result, replayer)]
     keys = [c for c in result.causes if c.code == "lora_keys_unmatched"]
@@ -484,17 +523,17 @@ def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect:
     return found
 
 
-def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool) -> None:
+def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool,
+                      tried_all: list[FlipResult] | None = None) -> None:
     """A setting proven to differ on one preview, tested on every other scored preview it could affect that no
     experiment has explained yet (PASS ones included): where it closes most of the gap there too, it is proven
     there as well."""
     if not proven or run.options.images_dir:
         return
-    for result in results:
-        if result.score is None or result.score.verdict == Verdict.EXACT:
-            continue
-        if any(c.evidence.get("proven") for c in result.causes):
-            continue
+    open_ = [r for r in results if r.score is not None and r.score.verdict != Verdict.EXACT
+             and not any(c.evidence.get("proven") for c in r.causes)]
+    for n, result in enumerate(open_, 1):
+        run.tick("testing what was proven", n, len(open_), result.preview_file)
         item = by_file[result.preview_file]
         expect = expected(result, "EXACT" if base_exact else "PASS")
         baseline = result.score.metrics.ssim
@@ -502,9 +541,10 @@ def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool)
             flip = analogue(found.flip, source, item, run.plan)
             if flip is None:
                 continue
-            run.say(f"testing {flip.label} on {result.preview_file}")
             tried = try_flip(run.replayer, flip, result.preview_path, run.options.thresholds,
                              run.cached_experiment if run.plain else None, run.keep_replay if run.plain else None)
+            if tried is not None and tried_all is not None:
+                tried_all.append(tried)
             if tried is not None and (explains(tried, expect) or tried.gap_closed(baseline) >= PARTIAL_GAP_SHARE):
                 cause = rank_causes([tried], baseline, run.options.thresholds, expect)[0]
                 # shown by experiment to differ here too: an error even where the preview passes
@@ -535,13 +575,12 @@ def job_causes(results: list[PreviewResult]) -> list[Cause]:
         flips = sorted({c.evidence.get("flip", "") for _, c in found})
         shown = "; ".join(flips[:3]) + (f" and {len(flips) - 3} more" if len(flips) > 3 else "")
         complete = len(found) == len(mismatched)
-        causes.append(Cause(
-            code, "error", first.title,
-            f"{code}: {shown}: explains {len(found)} of {len(mismatched)} mismatched preview(s)"
-            + (" (the whole mismatch)" if complete else ""),
-            first.fix,
-            {"explains": len(found), "of": len(mismatched), "previews": [r.preview_file for r, _ in found],
-             "flips": flips, "proven": True, "complete": complete},
+        causes.append(catalogue.cause(
+            code, first.title, severity="error", fix=first.fix,
+            explanation=f"{code}: {shown}: explains {len(found)} of {len(mismatched)} mismatched preview(s)"
+                        + (" (the whole mismatch)" if complete else ""),
+            evidence={"explains": len(found), "of": len(mismatched), "previews": [r.preview_file for r, _ in found],
+                      "flips": flips, "proven": True, "complete": complete},
         ))
     return causes
 
@@ -554,16 +593,16 @@ def measure_lora_effects(run: CheckRun, results: list[PreviewResult]) -> list[di
     from parity.scores import compute_metrics
 
     effects = []
-    seen_steps = set()
     by_file = {item.file: item for item in run.items}
+    firsts: dict[int, tuple[ReplayItem, PreviewResult]] = {}  # each round's first scored preview with a replay
     for result in results:
         item = by_file.get(result.preview_file)
-        if item is None or item.weights == "base" or result.score is None or item.step in seen_steps:
+        if item is None or item.weights == "base" or result.score is None or item.step in firsts:
             continue
-        if result.replay_png is None or not Path(result.replay_png).is_file():
-            continue
-        seen_steps.add(item.step)
-        run.say(f"measuring the LoRA's effect at step {item.step}")
+        if result.replay_png is not None and Path(result.replay_png).is_file():
+            firsts[item.step] = (item, result)
+    for n, (item, result) in enumerate(firsts.values(), 1):
+        run.tick("measuring the LoRA's effect", n, len(firsts), f"step {item.step}")
         try:
             off = run.replayer.replay_or_cached(item, lookup=run.cached_experiment, knobs=Knobs(lora=False))
             if not off.cached:
@@ -579,22 +618,16 @@ def measure_lora_effects(run: CheckRun, results: list[PreviewResult]) -> list[di
                   "mean_abs_diff": round(float(metrics.mean_abs_diff), 3), "max_abs_diff": int(metrics.max_abs_diff),
                   "barely": bool(metrics.ssim >= BARELY_CHANGES_SSIM)}
         effects.append(effect)
+        differ = (f"Replayed with and without {item.checkpoint or 'the LoRA'}, the images differ by a mean of "
+                  f"{metrics.mean_abs_diff:.2f} levels (max {metrics.max_abs_diff})")
         if not effect["barely"]:
-            result.causes.append(Cause(
-                "lora_effect", "info",
-                f"the LoRA's effect at step {item.step}: SSIM {metrics.ssim:.3f} with vs without it",
-                f"Replayed with and without {item.checkpoint or 'the LoRA'}, the images differ by a mean of "
-                f"{metrics.mean_abs_diff:.2f} levels (max {metrics.max_abs_diff}): the LoRA visibly changes the picture.",
-                "Nothing to fix; compare inference with and without the LoRA the same way.", effect))
+            result.causes.append(catalogue.cause(
+                "lora_effect", step=item.step, ssim=metrics.ssim, evidence=effect,
+                explanation=f"{differ}: the LoRA visibly changes the picture."))
         else:
-            result.causes.append(Cause(
-                "lora_barely_changes", "warning",
-                f"the LoRA barely changes the image at step {item.step} (SSIM {metrics.ssim:.3f} with vs without)",
-                f"Replayed with and without {item.checkpoint or 'the LoRA'}, the two images differ by a mean of "
-                f"{metrics.mean_abs_diff:.2f} levels (max {metrics.max_abs_diff}): the LoRA has little to show, "
-                "in training previews and in inference alike.",
-                "Train longer, at a higher learning rate or rank, or check that the LoRA's keys load (parity lora).",
-                effect))
+            result.causes.append(catalogue.cause(
+                "lora_barely_changes", step=item.step, ssim=metrics.ssim, evidence=effect,
+                explanation=f"{differ}: the LoRA has little to show, in training previews and in inference alike."))
     return effects
 
 
@@ -637,6 +670,7 @@ def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
         job_causes=run.job_causes,
         lora_effects=run.lora_effects,
         seed_recovery=run.seed_recovery,
+        diagnosis=run.diagnosis,
         thresholds=options.thresholds,
         fail_on=options.fail_on,
         items=results,
@@ -714,13 +748,11 @@ def scored_result(item, causes, preview_path, info, png, score) -> PreviewResult
     causes = list(causes)
     settings = settings_of(item) | {"replayed_with": info["weights"], "noise_algorithm": info["noise"]}
     if info["residuals"] and score.verdict != Verdict.EXACT:
-        causes.append(Cause(
-            "predicted_residual", "info",
-            "expected residual: " + ", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),
-            "The job's files do not carry the exact weights the preview was made with, so a small difference "
-            "remains even with a perfect replay: " + "; ".join(info["residuals"]) + ".",
-            "Nothing to fix in inference; supply the in-memory weights with --lora STEP=FILE to confirm.",
-            {"residuals": info["residuals"]},
+        kind = catalogue.kind("predicted_residual")
+        causes.append(catalogue.cause(
+            "predicted_residual", what=", ".join(dict.fromkeys(r.split(":")[0] for r in info["residuals"])),
+            explanation=f"{kind.explanation[:-1]}: " + "; ".join(info["residuals"]) + ".",
+            evidence={"residuals": info["residuals"]},
         ))
     if info["lora_problem"]:
         causes.insert(0, lora_keys_cause(info["lora_problem"], item.checkpoint))
@@ -774,14 +806,13 @@ def find_external_image(folder: Path, preview_file: str) -> Path | None:
 
 def kernel_residual_cause(result: PreviewResult, replayer: Replayer) -> Cause:
     """A near miss that no setting explains: the last bits come from the kernels, not from parity's choices."""
-    return Cause(
-        "kernel_residual", "info", "residual from the machine's kernels: no setting explains this near miss",
-        f"SSIM {result.score.metrics.ssim:.4f}, max {result.score.metrics.max_abs_diff} levels. Every knob was "
-        "flipped without restoring identity, so the difference comes from how this machine's kernels round "
-        f"(here {replayer.options.device}, CPU profile as set) compared with the trainer's, e.g. a float32 GEMM "
-        "summed in another order.",
-        "Nothing to fix in inference; replay on the trainer's kind of machine for bit-exactness.",
-        {"ssim": round(result.score.metrics.ssim, 4), "max_abs_diff": result.score.metrics.max_abs_diff},
+    return catalogue.cause(
+        "kernel_residual",
+        explanation=f"SSIM {result.score.metrics.ssim:.4f}, max {result.score.metrics.max_abs_diff} levels. Every "
+                    "knob was flipped without restoring identity, so the difference comes from how this machine's "
+                    f"kernels round (here {replayer.options.device}, CPU profile as set) compared with the "
+                    "trainer's, e.g. a float32 GEMM summed in another order.",
+        evidence={"ssim": round(result.score.metrics.ssim, 4), "max_abs_diff": result.score.metrics.max_abs_diff},
     )
 
 

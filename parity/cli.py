@@ -1,4 +1,4 @@
-"""The ``parity`` command line: ``plan``, ``check``, ``lint`` and ``lora``.
+"""The ``parity`` command line: ``plan``, ``check``, ``lint``, ``causes`` and ``lora``.
 
 Exit codes (``parity.results.EXIT_CODES``): 0 pass, 1 parity failure (per ``--fail-on``; for ``lora``: the LoRA
 does not apply fully), 2 usage or input error, 3 environment error, 4 internal error (a bug in parity), 5 nothing
@@ -424,6 +424,10 @@ def _print_summary(report, paths) -> None:
                          f"{seeds['seconds']:.1f} s)"), highlight=False)
         for record in seeds["previews"]:
             out.print(escape(f"  {record['preview']}: {record['summary']}"), highlight=False)
+    if (cost := report.diagnosis) and cost["previews"]:
+        out.print(escape(f"diagnosis: {cost['previews']} preview(s), {cost['experiments']} experiments "
+                         f"({cost['per_preview']:g} per preview; {cost['replays']} replayed, {cost['cached']} from "
+                         f"the cache), {cost['seconds']:.1f} s"), highlight=False)
     for cause in report.job_causes:  # proven by experiment: the answer, first
         ev = cause.evidence
         whole = " (the whole mismatch)" if ev.get("complete") else ""
@@ -482,6 +486,56 @@ def lint_command(
 def _previews_text(previews: tuple[str, ...]) -> str:
     shown = ", ".join(previews[:3])
     return f"{len(previews)} previews: {shown}, ..." if len(previews) > 3 else shown
+
+
+@app.command("causes")
+def causes_command(
+    code: Annotated[str | None, typer.Argument(help="A cause code (from a report, JSON or JUnit) to explain.",
+                                               show_default=False)] = None,
+    family: Annotated[str | None, typer.Option(help="Only the causes that concern this model family.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the catalogue (or the cause) as JSON.")] = False,
+) -> None:
+    """Every cause parity can name (one catalogue: lint, check, diagnosis and the server profile draw from it), or
+    what one code means and what to do about it.
+
+    Exit 0; 2 for a code or family parity does not know.
+    """
+    from parity import catalogue
+    from pipelines.registry import families
+
+    names = [f.name for f in families()]
+    if family is not None and family not in names:
+        raise InputError(None, f"--family {family!r}: parity knows {', '.join(names)}")
+    if code is not None and code not in catalogue.CATALOGUE:
+        import difflib
+
+        near = difflib.get_close_matches(code, list(catalogue.CATALOGUE), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else " (parity causes lists them)"
+        raise InputError(None, f"unknown cause code {code!r}{hint}")
+    kinds = [catalogue.kind(code)] if code else [k for k in catalogue.KINDS if family is None or k.concerns(family)]
+    rows = [{"code": k.code, "severity": k.severity, "found_by": list(catalogue.found_by(k.code)),
+             "families": list(k.families) or names, "title": k.title, "explanation": k.explanation, "fix": k.fix,
+             "suspects": list(k.suspects)} for k in kinds]
+    if json_out:
+        sys.stdout.write(_json_text(rows[0] if code else {"causes": rows}))
+        return
+    if code:
+        row = rows[0]
+        console.print(f"[bold]{row['code']}[/] ({row['severity']}; found by {', '.join(row['found_by'])}; "
+                      f"{', '.join(row['families'])})", highlight=False)
+        console.print(escape(row["explanation"]), highlight=False)
+        console.print(escape(f"Fix: {row['fix']}"), highlight=False)
+        if row["suspects"]:
+            console.print(escape(f"Diagnosis tries first: {', '.join(row['suspects'])}"), highlight=False)
+        return
+    table = Table(title=f"parity causes ({len(rows)})", title_justify="left")
+    for column in ("code", "severity", "found by", "what it is"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        what = row["title"].split("{")[0].rstrip(" :") if row["title"] else row["explanation"].split(". ")[0]
+        table.add_row(row["code"], f"[{SEVERITY_STYLE[row['severity']]}]{row['severity']}[/]",
+                      ", ".join(row["found_by"]), escape(what))
+    console.print(table)
 
 
 @app.command("lora")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from parity import catalogue
 from parity.jobfolder import JobFolder
 from parity.plan import ReplayItem, ReplayPlan
 from parity.replay import NOISE_CANDIDATES, Knobs, Replayer
@@ -34,8 +35,11 @@ class Flip:
     item: ReplayItem
     knobs: Knobs = field(default_factory=Knobs)
     algorithm: str | None = None
-    title: str = ""
-    fix: str = ""
+    fields: dict = field(default_factory=dict)  # what changed, for the catalogue's title (parity/catalogue.py)
+
+    @property
+    def title(self) -> str:
+        return catalogue.kind(self.knob).title.format(**self.fields)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class FlipResult:
     psnr_db: float
     exact: bool
     verdict: str = ""
+    cached: bool = False  # its replay came from the replay cache (a re-run): it cost no replay
 
     def gap_closed(self, baseline_ssim: float) -> float:
         """The share of the SSIM gap to identity this flip closed (1: identical; 0 or less: no help)."""
@@ -105,29 +110,23 @@ def _size_and_weight_flips(plan, job, item, preview_size) -> list[Flip]:
         w, h = preview_size
         flips.append(Flip("size_changed", f"size {w}x{h} (the preview file's) instead of {item.width}x{item.height}",
                           replace(plan, item, width=w, height=h),
-                          title=f"the config's size {item.width}x{item.height} is not the preview's {w}x{h}",
-                          fix="Restore the sample size the previews were made with (the preview files show it)."))
+                          fields={"config": f"{item.width}x{item.height}", "preview": f"{w}x{h}"}))
     # 2. The LoRA's effect and the family's own ways to get a preview wrong (e.g. OmniGen2's chat template).
     if item.weights != "base":
-        flips.append(Flip("lora_off", "without the LoRA", item, Knobs(lora=False),
-                          title="the preview matches the base model without the LoRA",
-                          fix="The LoRA had no visible effect when the preview was made; check training, not inference."))
+        flips.append(Flip("lora_off", "without the LoRA", item, Knobs(lora=False)))
     for knob in plan.family.knob_flips(item, plan.model_flags):
-        flips.append(Flip(knob.code, knob.label, item, Knobs(options=knob.options), title=knob.title, fix=knob.fix))
+        flips.append(Flip(knob.code, knob.label, item, Knobs(options=knob.options)))
     # 3. Which checkpoint.
     for checkpoint in job.checkpoints:
         if checkpoint.file != item.checkpoint and item.weights != "base":
             flips.append(Flip("checkpoint_mismatch", f"checkpoint {checkpoint.file} instead of {item.checkpoint}",
                               replace(plan, item, checkpoint=checkpoint.file, weights="checkpoint"),
-                              title=f"the preview was made with other weights than {item.checkpoint}",
-                              fix="Pair each preview with the checkpoint of its step (step N <-> <name>_N)."))
+                              fields={"checkpoint": item.checkpoint}))
     # 4. Multiplier.
     for m in (1.0, 0.5, 1.5, 0.75, 1.25, 2.0, 0.0):
         if item.weights != "base" and item.network_multiplier is not None and m != item.network_multiplier:
             flips.append(Flip("multiplier_changed", f"multiplier {m:g} instead of {item.network_multiplier:g}",
-                              replace(plan, item, network_multiplier=m),
-                              title=f"the preview used LoRA multiplier {m:g}",
-                              fix="Use the network_multiplier the previews were made with."))
+                              replace(plan, item, network_multiplier=m), fields={"multiplier": f"{m:g}"}))
     return flips
 
 def _prompt_flips(plan, job, item, others) -> list[Flip]:
@@ -137,17 +136,14 @@ def _prompt_flips(plan, job, item, others) -> list[Flip]:
         if plan.trigger_word and plan.trigger_word in (item.prompt or "") and word != plan.trigger_word:
             flips.append(Flip("trigger_word_changed", f"trigger word {word!r} instead of {plan.trigger_word!r}",
                               replace(plan, item, prompt=item.prompt.replace(plan.trigger_word, word)),
-                              title=f"the preview's prompt had the trigger word {word!r}",
-                              fix=f"Use the trigger word the LoRA was trained with ({word!r})."))
+                              fields={"word": word}))
     # 6. Negative prompt.
     negatives = {""} | {o.negative_prompt for o in others if isinstance(o.negative_prompt, str)}
     if not plan.family.rules.uses_negative(item.guidance_scale, plan.model_flags):
         negatives = set()  # the negative never reaches this preview's picture (FLUX.1 without true CFG)
     for negative in sorted(negatives - {item.negative_prompt}):
         flips.append(Flip("negative_changed", f"negative {negative!r} instead of {item.negative_prompt!r}",
-                          replace(plan, item, negative_prompt=negative),
-                          title=f"the preview used the negative prompt {negative!r}",
-                          fix="Use the negative prompt the previews were made with."))
+                          replace(plan, item, negative_prompt=negative), fields={"negative": negative}))
     return flips
 
 
@@ -160,8 +156,7 @@ def _seed_flips(plan, job, item, others) -> list[Flip]:
             flips.append(Flip("walk_seed_changed",
                               f"seed {walked} (walk_seed {'off' if job.sample.walk_seed else 'on'})",
                               replace(plan, item, seed=walked),
-                              title=f"walk_seed was {'off' if job.sample.walk_seed else 'on'} when the previews were made",
-                              fix="Restore sample.walk_seed: with it each prompt's seed is the section seed + its index."))
+                              fields={"state": "off" if job.sample.walk_seed else "on"}))
     seeds: list[int] = []
     n = len({o.prompt_index for o in plan.items}) + 1
     if item.seed is not None:
@@ -169,8 +164,7 @@ def _seed_flips(plan, job, item, others) -> list[Flip]:
     seeds += [42 + item.prompt_index, 42, 0, item.prompt_index] + [o.seed for o in others if o.seed is not None]
     for seed in dict.fromkeys(s for s in seeds if s is not None and s >= 0 and s != item.seed):
         flips.append(Flip("seed_changed", f"seed {seed} instead of {item.seed}", replace(plan, item, seed=seed),
-                          title=f"the preview was made with seed {seed}",
-                          fix="Use the seed the previews were made with (walk_seed adds the prompt index)."))
+                          fields={"seed": seed}))
     return flips
 
 
@@ -182,16 +176,12 @@ def _sampling_flips(plan, item) -> list[Flip]:
     for g in guidances:
         if item.guidance_scale is not None and g > 0 and abs(g - item.guidance_scale) > 1e-9:
             flips.append(Flip("guidance_changed", f"guidance {g:g} instead of {item.guidance_scale:g}",
-                              replace(plan, item, guidance_scale=float(g)),
-                              title=f"the preview used guidance {g:g}",
-                              fix="Use the guidance_scale the previews were made with."))
+                              replace(plan, item, guidance_scale=float(g)), fields={"guidance": f"{g:g}"}))
     steps = [item.num_inference_steps + d for d in (-1, 1, -2, 2, -3, 3, 4, 6)] + list(STEP_VALUES)
     for s in dict.fromkeys(steps):
         if s >= 1 and s != item.num_inference_steps:
             flips.append(Flip("steps_changed", f"{s} steps instead of {item.num_inference_steps}",
-                              replace(plan, item, num_inference_steps=s),
-                              title=f"the preview used {s} sampling steps",
-                              fix="Use the sample_steps the previews were made with."))
+                              replace(plan, item, num_inference_steps=s), fields={"steps": s}))
     return flips
 
 
@@ -201,18 +191,26 @@ def _machine_flips(plan, item, algorithm) -> list[Flip]:
     for name in NOISE_CANDIDATES:
         if name != algorithm:
             flips.append(Flip("noise_algorithm", f"noise {name} instead of {algorithm}", item, algorithm=name,
-                              title=f"the initial noise was drawn like {name}",
-                              fix="Replay with the torch version's CPU bf16 draw that made the previews (--noise)."))
+                              fields={"algorithm": name}))
     flips.append(Flip("te_quantization_mismatch",
                       f"text encoder {'unquantised' if plan.quantize_te else 'qfloat8'} instead of as configured",
-                      item, Knobs(te_quantized=not plan.quantize_te),
-                      title="the previews' text encoder quantisation differs from the config's quantize_te",
-                      fix="Match model.quantize_te to how the previews were made."))
+                      item, Knobs(te_quantized=not plan.quantize_te)))
     if item.weights != "base":
-        flips.append(Flip("merge_precision", "LoRA fused in bf16 from the file dtype", item, Knobs(merge_mode="server"),
-                          title="the LoRA was merged in the model dtype, not as an fp32 sum",
-                          fix="Merge as W = bf16(fp32(W) + m * B@A)."))
+        flips.append(Flip("merge_precision", "LoRA fused in bf16 from the file dtype", item, Knobs(merge_mode="server")))
     return flips
+
+
+# The experiments ``candidate_flips`` makes (each family adds its own, ``Family.knob_flips``): catalogue codes.
+EXPERIMENTS = ("size_changed", "lora_off", "checkpoint_mismatch", "multiplier_changed", "trigger_word_changed",
+               "negative_changed", "walk_seed_changed", "seed_changed", "guidance_changed", "steps_changed",
+               "noise_algorithm", "te_quantization_mismatch", "merge_precision")
+
+
+def experiment_codes() -> tuple[str, ...]:
+    """Every experiment diagnosis can run, the families' own included."""
+    from pipelines.registry import families
+
+    return EXPERIMENTS + tuple(dict.fromkeys(k.code for f in families() for k in f.knob_flips(None, None)))
 
 
 # Knobs that change the whole picture (an unrelated image) vs. those that keep its composition.
@@ -226,13 +224,24 @@ def order_by_likelihood(flips: list[Flip], baseline_ssim: float) -> list[Flip]:
     return sorted(flips, key=lambda f: (f.knob in PICTURE_KNOBS) != unrelated)
 
 
+def order_flips(flips: list[Flip], baseline_ssim: float, suspects: dict[str, str] | None = None) -> list[Flip]:
+    """The order to try ``flips`` in: by likelihood (:func:`order_by_likelihood`), and within each group the
+    experiments lint's findings point to first (``suspects``: experiment code -> the lint code that suggests it,
+    in the order lint found them). A hint never outranks the picture: a seed lint suspects comes before the
+    multipliers it suspects when the replay is an unrelated picture."""
+    unrelated = baseline_ssim < 0.5
+    rank = {code: n for n, code in enumerate(suspects or {})}
+    return sorted(flips, key=lambda f: ((f.knob in PICTURE_KNOBS) != unrelated, rank.get(f.knob, len(rank))))
+
+
 def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayItem, preview_path: Path,
            baseline_ssim: float, thresholds: Thresholds, budget: int = 80, expect: str = "EXACT",
            progress: Callable[[str], None] | None = None, target_name: str = "the preview",
-           first: list[Flip] = (), lookup=None, keep=None,
+           first: list[Flip] = (), lookup=None, keep=None, suspects: dict[str, str] | None = None,
            ) -> tuple[list[Cause], list[FlipResult], FlipResult | None]:
     """Flip knobs one at a time for a preview that does not match, ``first`` (explanations already proven in
-    this job, carried over to this preview) before the candidates, and stop at the first complete explanation.
+    this job, carried over to this preview) before the candidates, the ones lint's findings point to
+    (``suspects``, see :func:`order_flips`) before the rest, and stop at the first complete explanation.
 
     ``expect`` is the verdict that counts as explained (see :func:`explains`). ``lookup(item, key)`` finds a flip's
     replay in the replay cache and ``keep(item, replay)`` stores a new one there. Returns the causes (the
@@ -240,7 +249,7 @@ def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayIte
     """
     preview = load_rgb(preview_path)
     size = (preview.shape[1], preview.shape[0])
-    flips = order_by_likelihood(candidate_flips(plan, job, item, size, replayer.noise_algorithm), baseline_ssim)
+    flips = order_flips(candidate_flips(plan, job, item, size, replayer.noise_algorithm), baseline_ssim, suspects)
     flips = list(first) + flips[: max(0, budget - len(first))]
     results: list[FlipResult] = []
     explained = None
@@ -254,7 +263,7 @@ def bisect(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item: ReplayIte
         if explains(result, expect):
             explained = result
             break
-    causes = rank_causes(results, baseline_ssim, thresholds, expect)
+    causes = rank_causes(results, baseline_ssim, thresholds, expect, suspects)
     lora_off = next((r for r in results if r.flip.knob == "lora_off"), None)
     # with nothing else explaining it (or the LoRA itself explaining it), what the LoRA does to this image matters
     if lora_off is not None and (explained is None or explained.flip.knob == "lora_off"):
@@ -274,13 +283,14 @@ def try_flip(replayer: Replayer, flip: Flip, target: Path, thresholds: Threshold
         return None
     score = score_replay(target, replay.pixels, thresholds)
     return FlipResult(flip, score.metrics.ssim, score.metrics.psnr_db, score.verdict == Verdict.EXACT,
-                      score.verdict.value)
+                      score.verdict.value, bool(replay.cached))
 
 
 def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thresholds,
-                expect: str = "EXACT") -> list[Cause]:
-    """The complete explanation (error) and partial ones (warnings), best first, with their evidence; the flips
-    that moved SSIM by noise only are listed in one note ("tried, no effect"), never as causes."""
+                expect: str = "EXACT", suspects: dict[str, str] | None = None) -> list[Cause]:
+    """The complete explanation (error) and partial ones (warnings), best first, with their evidence (and the lint
+    finding that pointed to it, from ``suspects``); the flips that moved SSIM by noise only are listed in one note
+    ("tried, no effect"), never as causes."""
     ranked = sorted((r for r in results if r.flip.knob != "lora_off"), key=lambda r: (-r.exact, -r.ssim))
     causes, seen, idle = [], set(), []
     for r in ranked:
@@ -295,20 +305,21 @@ def rank_causes(results: list[FlipResult], baseline_ssim: float, thresholds: Thr
         detail += " (identical pixels)" if r.exact else ""
         detail += ": a complete explanation" if complete else (
             f"; only a partial explanation ({r.gap_closed(baseline_ssim):.0%} of the gap closed)")
-        causes.append(Cause(
-            r.flip.knob, "error" if complete else "warning", r.flip.title, detail, r.flip.fix,
-            {"flip": r.flip.label, "ssim_before": round(baseline_ssim, 4), "ssim_after": round(r.ssim, 4),
-             "exact": r.exact, "rank": len(causes) + 1, "proven": complete, "complete": complete,
-             "gap_closed": round(r.gap_closed(baseline_ssim), 4), "partial_gap_share": PARTIAL_GAP_SHARE},
-        ))
+        evidence = {"flip": r.flip.label, "ssim_before": round(baseline_ssim, 4), "ssim_after": round(r.ssim, 4),
+                    "exact": r.exact, "rank": len(causes) + 1, "proven": complete, "complete": complete,
+                    "gap_closed": round(r.gap_closed(baseline_ssim), 4), "partial_gap_share": PARTIAL_GAP_SHARE}
+        if suspects and r.flip.knob in suspects:
+            evidence["suggested_by"] = suspects[r.flip.knob]  # the lint finding that had it tried first
+        causes.append(catalogue.cause(r.flip.knob, severity="error" if complete else "warning", explanation=detail,
+                                      evidence=evidence, **r.flip.fields))
     if idle:
         shown = ", ".join(f"{r.flip.label} ({r.ssim:.2f})" for r in idle[:8])
         more = f" and {len(idle) - 8} more" if len(idle) > 8 else ""
-        causes.append(Cause(
-            "diagnosis_tried", "info", f"tried {len(idle)} other setting(s): no effect beyond noise",
-            f"Each moved SSIM by less than {PARTIAL_GAP_SHARE:.0%} of the gap from {baseline_ssim:.2f}: {shown}{more}.",
-            "Nothing to do: these settings are not what differs.",
-            {"tried": [{"flip": r.flip.label, "ssim": round(r.ssim, 4)} for r in idle]},
+        causes.append(catalogue.cause(
+            "diagnosis_tried", count=len(idle),
+            explanation=f"Each moved SSIM by less than {PARTIAL_GAP_SHARE:.0%} of the gap from {baseline_ssim:.2f}: "
+                        f"{shown}{more}.",
+            evidence={"tried": [{"flip": r.flip.label, "ssim": round(r.ssim, 4)} for r in idle]},
         ))
     return causes
 
@@ -342,8 +353,11 @@ def analogue(flip: Flip, source: ReplayItem, target: ReplayItem, plan: ReplayPla
     if "network_multiplier" in changed and target.weights == "base":
         return None
     item = replace(plan, target, **changed) if changed else target
-    label = flip.label if "seed" not in changed else f"seed {changed['seed']} instead of {target.seed}"
-    return dataclasses.replace(flip, item=item, label=label)
+    if "seed" not in changed:
+        return dataclasses.replace(flip, item=item)
+    fields = {"seed": changed["seed"]} if flip.knob == "seed_changed" else flip.fields
+    return dataclasses.replace(flip, item=item, label=f"seed {changed['seed']} instead of {target.seed}",
+                               fields=fields)
 
 
 def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem,
@@ -359,11 +373,11 @@ def lora_effect_cause(result: FlipResult, baseline_ssim: float, item: ReplayItem
     else:
         title = f"the LoRA's effect is visible: {target_name} is closer to the replay with it"
         severity = "info"
-    return Cause(
-        "lora_effect", severity, title,
-        f"against {target_name}, SSIM with the LoRA {baseline_ssim:.2f}, without it {off:.2f}",
-        "If the LoRA has no effect, check that its keys load and that training moved it (parity lora FILE).",
-        {"ssim_lora_on": round(baseline_ssim, 4), "ssim_lora_off": round(off, 4), "step": item.step},
+    return catalogue.cause(
+        "lora_effect", title, severity=severity,
+        explanation=f"against {target_name}, SSIM with the LoRA {baseline_ssim:.2f}, without it {off:.2f}",
+        fix="If the LoRA has no effect, check that its keys load and that training moved it (parity lora FILE).",
+        evidence={"ssim_lora_on": round(baseline_ssim, 4), "ssim_lora_off": round(off, 4), "step": item.step},
     )
 
 
@@ -383,13 +397,12 @@ def floor_cause(item, floor: tuple[float, float]) -> Cause | None:
     if item.step == 0 or item.score.verdict.value == "EXACT" or ssim_floor >= 1.0:
         return None
     if metrics.ssim >= ssim_floor - 0.005:
-        return Cause(
-            "within_noise_floor", "info",
-            f"step {item.step} drifts no more than step 0: hardware, not the LoRA",
-            f"SSIM {metrics.ssim:.3f} against a step-0 floor of {ssim_floor:.3f} (base model only): this machine's "
-            "kernels differ from the trainer's by as much on their own.",
-            "Nothing to fix in the LoRA; replay on the trainer's kind of machine for bit-exactness.",
-            {"ssim": round(metrics.ssim, 4), "floor_ssim": round(ssim_floor, 4), "floor_mad": round(mad_floor, 3)},
+        return catalogue.cause(
+            "within_noise_floor", step=item.step,
+            explanation=f"SSIM {metrics.ssim:.3f} against a step-0 floor of {ssim_floor:.3f} (base model only): this "
+                        "machine's kernels differ from the trainer's by as much on their own.",
+            evidence={"ssim": round(metrics.ssim, 4), "floor_ssim": round(ssim_floor, 4),
+                      "floor_mad": round(mad_floor, 3)},
         )
     return None
 

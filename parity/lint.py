@@ -1,10 +1,11 @@
 """Lint: every known cause of a preview/inference mismatch that can be read without a replay.
 
-One registry (:data:`RULES`) holds every rule. A rule reads the replay plan and, where it needs them, the job
-folder, the preview files and the LoRA checkpoints, and returns a :class:`Finding` (a one-line text and its
-evidence) or None; :meth:`Rule.cause` turns a finding into a :class:`parity.results.Cause`. Sources: FACTS §3 (how
-ai-toolkit makes a preview), §6 (where the ai-toolkit-inference server departs, ``ir_*`` rules, all
-informational), §7 (causes users hit).
+One registry (:data:`RULES`) holds every rule: when a cause of the catalogue (``parity.catalogue``, which says
+what it is, how bad, and the fix) applies. A rule reads the replay plan and, where it needs them, the job folder,
+the preview files and the LoRA checkpoints, and returns a :class:`Finding` (a one-line text and its evidence) or
+None; :meth:`Rule.cause` turns a finding into a :class:`parity.results.Cause`. Sources: FACTS §3 (how ai-toolkit
+makes a preview), §6 (where the ai-toolkit-inference server departs: the ``server_*`` causes that
+``--pipeline server`` measures, informational here), §7 (causes users hit).
 
 ``scope`` says how often a rule runs: ``"job"`` once per job folder (``item`` is None), ``"preview"`` once per
 preview. Rules marked ``in_check`` read the plan and the item only; ``parity check`` attaches them to every
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parity import catalogue
 from parity.errors import InputError
 from parity.jobfolder import TRAINER_TYPES, JobFolder, SampleItem, SampleSection, load_config, read_job_folder
 from parity.plan import (
@@ -41,8 +43,6 @@ BARELY_CHANGES_SSIM = 0.98  # first vs last preview of a prompt above this: the 
 # (src/pipelines/flux_dev.py CONFIG, base.py PipelineConfig: 25 steps, guidance 4.0, 1024x1024, seed 42 + i)
 IR_STEPS, IR_CFG, IR_SIZE, IR_FIRST_SEED, IR_JPEG_QUALITY = 25, 4.0, 1024, 42, 95
 IR_FLUX_BASE = "black-forest-labs/FLUX.1-dev"  # flux_dev.py FluxDevPipeline.CONFIG.base_model
-# the families whose ai-toolkit-inference pipeline goes through the shared request executor (src/tasks/executor.py)
-SERVED = ("omnigen2", "flux")
 PREVIEW_JPEG_QUALITY = 75  # ai-toolkit's image.save(path): Pillow's default
 _QUOTES = ("'", '"')
 
@@ -61,44 +61,44 @@ Applies = Callable[[ReplayPlan, "ReplayItem | None", "LintContext"], "Finding | 
 
 @dataclass(frozen=True)
 class Rule:
-    """A named known cause: when it applies, how bad it is, why it matters and what to do."""
+    """When a catalogued cause (``parity.catalogue``) applies, read from the plan and the job's files."""
 
-    code: str
-    severity: str  # info, warning or error
+    code: str  # the catalogue's code: severity, explanation, fix and families come from there
     scope: str  # job or preview
-    explanation: str
-    fix: str
     applies: Applies
     in_check: bool = False  # reported by `parity check` for each preview too
-    families: tuple[str, ...] = ()  # the model families it concerns (pipelines/registry.py names); () = all
+
+    @property
+    def kind(self) -> catalogue.Kind:
+        return catalogue.kind(self.code)
+
+    @property
+    def severity(self) -> str:
+        return self.kind.severity
 
     def serves(self, plan: ReplayPlan) -> bool:
-        return not self.families or plan.family.name in self.families
+        """Whether the rule concerns ``plan``'s family; a server departure only where the family has a server."""
+        if self.code.startswith("server_") and plan.family.server_profile is None:
+            return False
+        return self.kind.concerns(plan.family.name)
 
     def cause(self, finding: Finding) -> Cause:
-        return Cause(
-            self.code,
-            finding.severity or self.severity,
-            finding.text,
-            self.explanation,
-            self.fix,
-            dict(finding.evidence),
-        )
+        return catalogue.cause(self.code, finding.text, severity=finding.severity, evidence=finding.evidence)
 
 
-RULES: list[Rule] = []
+_REGISTERED: list[Rule] = []  # filled by @rule while this module is imported; read through RULES
 
 
-def rule(code: str, severity: str, scope: str, explanation: str, fix: str, in_check: bool = False,
-         families: tuple[str, ...] = ()):
-    """Register the decorated ``applies(plan, item, ctx)`` as a rule."""
-    if severity not in SEVERITIES or scope not in SCOPES:
-        raise ValueError(f"rule {code}: bad severity {severity!r} or scope {scope!r}")
+def rule(code: str, scope: str, in_check: bool = False):
+    """Register the decorated ``applies(plan, item, ctx)`` as the rule that finds the catalogue's ``code``."""
+    catalogue.kind(code)
+    if scope not in SCOPES:
+        raise ValueError(f"rule {code}: bad scope {scope!r}")
 
     def register(applies: Applies) -> Applies:
-        if any(r.code == code for r in RULES):
+        if any(r.code == code for r in _REGISTERED):
             raise ValueError(f"rule {code} registered twice")
-        RULES.append(Rule(code, severity, scope, " ".join(explanation.split()), fix, applies, in_check, families))
+        _REGISTERED.append(Rule(code, scope, applies, in_check))
         return applies
 
     return register
@@ -249,14 +249,7 @@ def _g(value: float | None) -> str:
 # preview rules that `parity check` reports too (plan and item only)
 
 
-@rule(
-    "size_not_multiple_of_16", "info", "preview",
-    "OmniGen2 generates at a size floored to 16 and ai-toolkit resizes the result back (bilinear); "
-    "inference servers that floor to 16 return the smaller image instead.",
-    "Use sizes that are multiples of 16 in training samples, or resize inference output the same way.",
-    in_check=True,
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("size_not_multiple_of_16", "preview", in_check=True)
 def _size_not_multiple_of_16(plan, item, ctx):
     w, h = item.width, item.height
     if w and h and (w % 16 or h % 16):
@@ -267,13 +260,7 @@ def _size_not_multiple_of_16(plan, item, ctx):
     return None
 
 
-@rule(
-    "above_1mp", "info", "preview",
-    "OmniGen2 caps the generated area at 1024*1024 pixels; the preview is an upscaled smaller image.",
-    "Compare at the generated size, or keep sample sizes at or below 1 MP.",
-    in_check=True,
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("above_1mp", "preview", in_check=True)
 def _above_1mp(plan, item, ctx):
     w, h = item.width, item.height
     if w and h and w * h > 1024 * 1024:
@@ -284,18 +271,7 @@ def _above_1mp(plan, item, ctx):
     return None
 
 
-@rule(
-    "seed_random", "warning", "preview",
-    "For seed: -1 ai-toolkit draws the seed with Python's random.randint(0, 2**32 - 1) and does not save it. "
-    "Python's random is seeded with the process's training_seed when training starts, so with training_seed set "
-    "the drawn seed is a value of a known stream at an unknown offset: parity check recovers it by replaying the "
-    "candidates (--seed-search words). Without training_seed (a job-level config.training_seed seeds nothing; the "
-    "SEED environment variable is not recorded) it cannot be recovered, and an inference run cannot draw the same "
-    "seed either.",
-    "Fix a seed in the sample section for previews you want to compare (walk_seed keeps prompts distinct); keep "
-    "training_seed set so that drawn seeds stay recoverable.",
-    in_check=True,
-)  # fmt: skip
+@rule("seed_random", "preview", in_check=True)
 def _seed_random(plan, item, ctx):
     if item.seed_source == "recovered":
         return Finding(f"seed -1: drawn by ai-toolkit, recovered by replay from training_seed {plan.training_seed}",
@@ -310,27 +286,14 @@ def _seed_random(plan, item, ctx):
                    {"seed": -1, "training_seed": plan.training_seed})
 
 
-@rule(
-    "checkpoint_deleted", "warning", "preview",
-    "ai-toolkit keeps only save.max_step_saves_to_keep checkpoints; older ones are removed, so this preview's "
-    "weights are gone. Comparing it with another checkpoint would be a different model.",
-    "Raise save.max_step_saves_to_keep (0 keeps all) or compare against the final LoRA's previews.",
-    in_check=True,
-)  # fmt: skip
+@rule("checkpoint_deleted", "preview", in_check=True)
 def _checkpoint_deleted(plan, item, ctx):
     if not item.replayable and "deleted" in item.reason:
         return Finding(f"the checkpoint for step {item.step} was deleted", {"step": item.step})
     return None
 
 
-@rule(
-    "quantized_text_encoder", "warning", "preview",
-    "model.quantize_te quantises Qwen2.5-VL during training and the previews were encoded with it; an "
-    "inference pipeline with a bf16 text encoder (ai-toolkit-inference never quantises it) conditions on "
-    "different embeddings.",
-    "Quantise the text encoder the same way at inference, or set quantize_te: false for training samples.",
-    in_check=True,
-)  # fmt: skip
+@rule("quantized_text_encoder", "preview", in_check=True)
 def _quantized_text_encoder(plan, item, ctx):
     if plan.quantize_te:
         return Finding(
@@ -340,13 +303,7 @@ def _quantized_text_encoder(plan, item, ctx):
     return None
 
 
-@rule(
-    "quantized_base", "warning", "preview",
-    "With model.quantize ai-toolkit runs the LoRA as a side branch on a quantised base; a bf16 inference base "
-    "with a merged LoRA gives different pixels.",
-    "Replay or serve with the same quantisation, or train unquantised.",
-    in_check=True,
-)  # fmt: skip
+@rule("quantized_base", "preview", in_check=True)
 def _quantized_base(plan, item, ctx):
     if plan.quantize and item.weights != "base":
         return Finding(
@@ -356,13 +313,7 @@ def _quantized_base(plan, item, ctx):
     return None
 
 
-@rule(
-    "lora_saved_fp16", "info", "preview",
-    "Previews used the fp32 LoRA held in memory; the saved file is rounded, which moves pixels by a few levels "
-    "(the oracle: max 13, mean ~0.9 of 255).",
-    "Expected and small; set save.dtype: float32 for bit-exact checkpoints.",
-    in_check=True,
-)  # fmt: skip
+@rule("lora_saved_fp16", "preview", in_check=True)
 def _lora_saved_fp16(plan, item, ctx):
     if item.weights != "base" and plan.save_dtype in ("float16", "fp16", "bfloat16", "bf16"):
         return Finding(
@@ -371,13 +322,7 @@ def _lora_saved_fp16(plan, item, ctx):
     return None
 
 
-@rule(
-    "negative_multiplier_merged", "warning", "preview",
-    "ai-toolkit merges out with -|m|, so a negative multiplier is added twice and stays in the base weights of "
-    "every later round.",
-    "Avoid negative network_multiplier in sample prompts when all prompts of a round share it.",
-    in_check=True,
-)  # fmt: skip
+@rule("negative_multiplier_merged", "preview", in_check=True)
 def _negative_multiplier_merged(plan, item, ctx):
     m = item.network_multiplier
     if item.lora_merged and item.weights != "base" and m is not None and m < 0:
@@ -389,24 +334,14 @@ def _negative_multiplier_merged(plan, item, ctx):
 # which weights made a preview (FACTS §1)
 
 
-@rule(
-    "checkpoint_never_saved", "warning", "preview",
-    "ai-toolkit saves a checkpoint every save.save_every steps only; a sampling step between saves has previews "
-    "but no weights on disk.",
-    "Make save_every a divisor of sample_every, or compare only the steps that have a checkpoint.",
-)  # fmt: skip
+@rule("checkpoint_never_saved", "preview")
 def _checkpoint_never_saved(plan, item, ctx):
     if not item.replayable and "no checkpoint was saved" in item.reason:
         return Finding(f"no checkpoint was saved at step {item.step}", {"step": item.step})
     return None
 
 
-@rule(
-    "checkpoint_wrong_step", "error", "preview",
-    "The checkpoint's training_info.step differs from the step in its file name: the file was swapped or "
-    "renamed, so it is not the weights that made this preview.",
-    "Put the right checkpoint back (its metadata names its step), or compare the preview of the step it holds.",
-)  # fmt: skip
+@rule("checkpoint_wrong_step", "preview")
 def _checkpoint_wrong_step(plan, item, ctx):
     if item.weights == "none" and item.checkpoint is not None:
         found = next((c for c in ctx.job.checkpoints if c.file == item.checkpoint), None) if ctx.job else None
@@ -418,12 +353,7 @@ def _checkpoint_wrong_step(plan, item, ctx):
     return None
 
 
-@rule(
-    "final_checkpoint_missing", "warning", "preview",
-    "The last round is labelled train.steps and was made with the weights ai-toolkit saves as <name>.safetensors; "
-    "without that file the round cannot be replayed.",
-    "Copy the final LoRA <name>.safetensors back into the job folder.",
-)  # fmt: skip
+@rule("final_checkpoint_missing", "preview")
 def _final_checkpoint_missing(plan, item, ctx):
     if item.step and item.step == plan.train_steps and item.weights == "none" and item.checkpoint is None:
         return Finding(
@@ -433,24 +363,14 @@ def _final_checkpoint_missing(plan, item, ctx):
     return None
 
 
-@rule(
-    "step_not_sampled", "warning", "preview",
-    "The preview's step is not one this config samples at: a UI 'sample now' round (labelled one step after its "
-    "weights) or a config edited since training. Its weights cannot be named.",
-    "Use the config the job ran with, or leave such previews out of the comparison.",
-)  # fmt: skip
+@rule("step_not_sampled", "preview")
 def _step_not_sampled(plan, item, ctx):
     if not item.replayable and "not a sampling step" in item.reason:
         return Finding(f"step {item.step} is not a sampling step of this config", {"step": item.step})
     return None
 
 
-@rule(
-    "final_round_uses_final_file", "info", "job",
-    "The last round is labelled train.steps and pairs with <name>.safetensors; <name>_<steps:09d>.safetensors is "
-    "normally never written. Comparing the last previews with an intermediate checkpoint compares different weights.",
-    "Compare the last round's previews with the final LoRA file.",
-)  # fmt: skip
+@rule("final_round_uses_final_file", "job")
 def _final_round_uses_final_file(plan, item, ctx):
     last = [i for i in plan.items if i.weights == "final"]
     if last:
@@ -461,13 +381,7 @@ def _final_round_uses_final_file(plan, item, ctx):
     return None
 
 
-@rule(
-    "merge_drift", "info", "preview",
-    "Every merged round merges the LoRA into bf16 base weights and merges it out again; the two roundings leave "
-    "some base weights a bf16 step off, and later rounds run on that drifted base (the oracle: max 13 of 255).",
-    "Expected and small; parity replays the earlier rounds' drift. Inference on a pristine base cannot "
-    "reproduce it: judge these rounds with the PASS threshold, not EXACT.",
-)  # fmt: skip
+@rule("merge_drift", "preview")
 def _merge_drift(plan, item, ctx):
     if not item.lora_merged or item.weights == "base":
         return None
@@ -484,49 +398,28 @@ def _merge_drift(plan, item, ctx):
 # how the model ran (FACTS §3 quantisation, precision, EMA)
 
 
-@rule(
-    "layer_offloading", "warning", "preview",
-    "With model.layer_offloading ai-toolkit does not merge the LoRA (it runs as a side branch) and stores "
-    "quantised layers as float8; a merged bf16 inference gives different last bits.",
-    "Replay with the LoRA unmerged, or train without layer_offloading for exact previews.",
-)  # fmt: skip
+@rule("layer_offloading", "preview")
 def _layer_offloading(plan, item, ctx):
     if plan.layer_offloading and item.weights != "base":
         return Finding("layer_offloading: the LoRA ran unmerged", {"layer_offloading": True})
     return None
 
 
-@rule(
-    "preview_dtype_not_bf16", "warning", "job",
-    "Previews run the transformer, MLLM and VAE in train.dtype and draw the initial noise in it; inference "
-    "servers run bf16, so the same seed gives other noise and other pixels.",
-    "Train with dtype: bf16, or run inference in the job's dtype.",
-)  # fmt: skip
+@rule("preview_dtype_not_bf16", "job")
 def _preview_dtype(plan, item, ctx):
     if plan.train_dtype not in ("bf16", "bfloat16"):
         return Finding(f"previews ran in {plan.train_dtype}, not bf16", {"train_dtype": plan.train_dtype})
     return None
 
 
-@rule(
-    "ema_previews", "info", "job",
-    "With train.ema_config.use_ema ai-toolkit samples previews with the EMA weights (and saves them); the raw "
-    "trained weights never made a preview.",
-    "Compare with the saved (EMA) checkpoints, not with weights taken from the optimizer state.",
-)  # fmt: skip
+@rule("ema_previews", "job")
 def _ema_previews(plan, item, ctx):
     if plan.use_ema:
         return Finding("previews were made with the EMA weights", {"use_ema": True})
     return None
 
 
-@rule(
-    "multipliers_differ_in_round", "info", "job",
-    "ai-toolkit merges the LoRA only when every prompt of a round has the same network_multiplier; otherwise it "
-    "runs unmerged (a float32 side branch added in bf16), a different code path from merged rounds and from "
-    "inference that fuses the LoRA.",
-    "Replay unmerged (parity does); give all sample prompts one multiplier for merged previews.",
-)  # fmt: skip
+@rule("multipliers_differ_in_round", "job")
 def _multipliers_differ(plan, item, ctx):
     if plan.quantize or plan.layer_offloading:
         return None  # never merged anyway
@@ -548,12 +441,7 @@ def _multipliers_differ(plan, item, ctx):
 # seeds (FACTS §2)
 
 
-@rule(
-    "seed_carried_over", "info", "job",
-    "With walk_seed off, a sample item's own seed: wins for that prompt AND carries over to every following "
-    "prompt without one; inference that uses the section seed (or 42 + i) draws other noise.",
-    "Give each sample its own seed, or send the carried seed to inference.",
-)  # fmt: skip
+@rule("seed_carried_over", "job")
 def _seed_carried_over(plan, item, ctx):
     carried = [p for p in ctx.prompts() if p.seed_from == "carried"]
     if carried:
@@ -566,12 +454,7 @@ def _seed_carried_over(plan, item, ctx):
     return None
 
 
-@rule(
-    "walk_seed_random_start", "warning", "job",
-    "With walk_seed and seed: -1, prompt 0 is random (and unrecorded) while prompt i >= 1 gets the fixed seed "
-    "-1 + i: the round is neither random nor walked from a chosen seed.",
-    "Set a fixed section seed with walk_seed.",
-)  # fmt: skip
+@rule("walk_seed_random_start", "job")
 def _walk_seed_random_start(plan, item, ctx):
     job = ctx.job
     starts = {
@@ -594,24 +477,14 @@ def _walk_seed_random_start(plan, item, ctx):
 # prompt text (FACTS §2 trigger and flags, §7)
 
 
-@rule(
-    "negative_not_text", "error", "preview",
-    "sample.neg defaults to the boolean False (and `neg:` is None); that reaches OmniGen2's chat template and "
-    "crashes sampling, so an omnigen2 job with it has no previews at all: these previews came from another config.",
-    "Set neg: '' (or a negative prompt) in the sample section.",
-)  # fmt: skip
+@rule("negative_not_text", "preview")
 def _negative_not_text(plan, item, ctx):
     if item.prompt is not None and item.negative_prompt is None:
         return Finding("the negative prompt is not text (neg False or None): no previews are possible", {})
     return None
 
 
-@rule(
-    "prompt_not_in_config", "error", "preview",
-    "The preview's prompt index is beyond the config's prompts: the config was edited after training, so the "
-    "prompt and settings of this preview are unknown.",
-    "Use the config.yaml the job was trained with.",
-)  # fmt: skip
+@rule("prompt_not_in_config", "preview")
 def _prompt_not_in_config(plan, item, ctx):
     if item.prompt is None:
         return Finding(
@@ -620,12 +493,7 @@ def _prompt_not_in_config(plan, item, ctx):
     return None
 
 
-@rule(
-    "trigger_left_literal", "warning", "job",
-    "ai-toolkit replaces [trigger] only when trigger_word is set; without it the text '[trigger]' went to the "
-    "model as is. A server that substitutes the trigger conditions on other text.",
-    "Set trigger_word, or send the prompt with the literal '[trigger]'.",
-)  # fmt: skip
+@rule("trigger_left_literal", "job")
 def _trigger_left_literal(plan, item, ctx):
     if plan.trigger_word is not None:
         return None
@@ -638,12 +506,7 @@ def _trigger_left_literal(plan, item, ctx):
     return None
 
 
-@rule(
-    "trigger_word_absent", "info", "job",
-    "ai-toolkit never adds the trigger word: a prompt without it (or [trigger]) sampled the LoRA unprompted. "
-    "Inference that prepends the trigger word conditions on other text.",
-    "Send the prompt exactly as the preview had it; add [trigger] to sample prompts that should use it.",
-)  # fmt: skip
+@rule("trigger_word_absent", "job")
 def _trigger_word_absent(plan, item, ctx):
     word = plan.trigger_word
     if not word:
@@ -657,12 +520,7 @@ def _trigger_word_absent(plan, item, ctx):
     return None
 
 
-@rule(
-    "unknown_flags_dropped", "warning", "job",
-    "ai-toolkit splits prompts on '--' and silently drops flags it does not know (and a literal '--' truncates "
-    "the prompt): the preview ignored them.",
-    "Remove or fix the flags (known: n w h d/seed l/cfg s/steps m/network_multiplier gr ctrl_img ctrl_idx frames fps).",
-)  # fmt: skip
+@rule("unknown_flags_dropped", "job")
 def _unknown_flags(plan, item, ctx):
     found = [p for p in ctx.prompts() if p.settings.unknown_flags]
     if found:
@@ -672,12 +530,7 @@ def _unknown_flags(plan, item, ctx):
     return None
 
 
-@rule(
-    "flag_quotes_kept", "info", "job",
-    "ai-toolkit does not strip quotes from flag values: `--n \"blurry\"` gives the negative prompt \"blurry\" "
-    "with its quote marks, and the preview was conditioned on that text.",
-    "Send the value with its quotes to reproduce the preview; drop the quotes in the config for what was meant.",
-)  # fmt: skip
+@rule("flag_quotes_kept", "job")
 def _flag_quotes_kept(plan, item, ctx):
     quoted = {
         p.label: [f"--{flag} {content}" for flag, content in p.flags
@@ -691,12 +544,7 @@ def _flag_quotes_kept(plan, item, ctx):
     return None
 
 
-@rule(
-    "size_floored_to_8", "info", "job",
-    "ai-toolkit floors every sample size to a multiple of 8 with a 64 minimum before generating: the preview "
-    "is smaller (or larger) than the config asked for.",
-    "Ask inference for the floored size shown here.",
-)  # fmt: skip
+@rule("size_floored_to_8", "job")
 def _size_floored_to_8(plan, item, ctx):
     changed = {}
     for p in ctx.prompts():
@@ -715,13 +563,7 @@ def _size_floored_to_8(plan, item, ctx):
 # reference images (FACTS §3 "Reference image", §6)
 
 
-@rule(
-    "ctrl_img_numbered_ignored", "warning", "job",
-    "ai-toolkit's omnigen2 sampling reads only ctrl_img (a sample with only ctrl_img_1 is plain text-to-image); "
-    "ai-toolkit-inference prefers ctrl_img_1..3 and passes them all.",
-    "Put the reference image in ctrl_img; send inference the image the preview used.",
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("ctrl_img_numbered_ignored", "job")
 def _ctrl_img_numbered(plan, item, ctx):
     ignored = {}
     for kind in ("sample", "first_sample"):
@@ -736,13 +578,7 @@ def _ctrl_img_numbered(plan, item, ctx):
     return None
 
 
-@rule(
-    "reference_image_missing", "warning", "preview",
-    "The preview was conditioned on a reference image that is not on this machine; without it the preview "
-    "cannot be replayed.",
-    "Pass --assets DIR with the reference images (found by file name).",
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("reference_image_missing", "preview")
 def _reference_image_missing(plan, item, ctx):
     if item.ctrl_img_recorded and item.ctrl_img is None:
         return Finding(
@@ -751,13 +587,7 @@ def _reference_image_missing(plan, item, ctx):
     return None
 
 
-@rule(
-    "ctrl_img_resized", "warning", "preview",
-    "ai-toolkit resizes the reference image (bilinear) to exactly the sample's width x height before OmniGen2's "
-    "processor; inference that passes the original image encodes another picture.",
-    "Resize the reference image to the sample size (bilinear) before sending it, or store it at that size.",
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("ctrl_img_resized", "preview")
 def _ctrl_img_resized(plan, item, ctx):
     if item.ctrl_img is None or item.width is None:
         return None
@@ -775,11 +605,7 @@ def _ctrl_img_resized(plan, item, ctx):
 # the preview files
 
 
-@rule(
-    "preview_unreadable", "error", "preview",
-    "The preview file cannot be decoded: it was truncated or is not an image.",
-    "Restore the preview file from the training machine.",
-)  # fmt: skip
+@rule("preview_unreadable", "preview")
 def _preview_unreadable(plan, item, ctx):
     size = ctx.image(item.file)
     if isinstance(size, str):
@@ -787,12 +613,7 @@ def _preview_unreadable(plan, item, ctx):
     return None
 
 
-@rule(
-    "preview_size_mismatch", "error", "preview",
-    "The preview's pixel size differs from what the config gives for it: the config was edited after training "
-    "or the preview was resized since.",
-    "Use the config and previews exactly as ai-toolkit wrote them.",
-)  # fmt: skip
+@rule("preview_size_mismatch", "preview")
 def _preview_size_mismatch(plan, item, ctx):
     size = ctx.image(item.file)
     saved = plan.saved_size(item)  # FLUX.1 saves the floor-16 image, OmniGen2 the requested size
@@ -804,13 +625,7 @@ def _preview_size_mismatch(plan, item, ctx):
     return None
 
 
-@rule(
-    "preview_reencoded", "warning", "preview",
-    "ai-toolkit saves JPEG previews with Pillow's defaults (quality 75, 4:2:0); another quality means the file "
-    "was re-saved, and its pixels are no longer ai-toolkit's.",
-    "Use the previews as ai-toolkit wrote them; parity encodes replays the way the file says, but a re-save "
-    "adds a second loss.",
-)  # fmt: skip
+@rule("preview_reencoded", "preview")
 def _preview_reencoded(plan, item, ctx):
     if not isinstance(ctx.image(item.file), tuple):
         return None
@@ -828,13 +643,7 @@ def _preview_reencoded(plan, item, ctx):
     return None
 
 
-@rule(
-    "preview_barely_changes", "warning", "job",
-    "A prompt's last preview is almost the first one (SSIM > 0.98): the LoRA hardly changed the output during "
-    "training. That is a training problem (learning rate, steps, captions, trigger word), not an inference "
-    "mismatch.",
-    "Check the training (lr, steps, dataset captions, trigger word) before debugging inference.",
-)  # fmt: skip
+@rule("preview_barely_changes", "job")
 def _preview_barely_changes(plan, item, ctx):
     from parity.scores import compute_metrics, load_rgb
 
@@ -870,14 +679,7 @@ def _preview_barely_changes(plan, item, ctx):
 # FLUX.1 (pipelines/flux/rules.py has the quirks; FLUX.md the ai-toolkit code they come from)
 
 
-@rule(
-    "flux_size_floored_to_16", "info", "preview",
-    "FLUX.1's pipeline floors each side to a multiple of 16 and ai-toolkit saves the image as generated, not "
-    "resized back: the preview is smaller than the sample size. An inference tool that keeps the requested "
-    "size (or pads) renders another picture.",
-    "Use sample sizes that are multiples of 16, or ask inference for the floor-16 size the preview has.",
-    in_check=True, families=("flux",),
-)  # fmt: skip
+@rule("flux_size_floored_to_16", "preview", in_check=True)
 def _flux_size_floored(plan, item, ctx):
     if item.width and (item.gen_width, item.gen_height) != (item.width, item.height):
         return Finding(
@@ -888,14 +690,7 @@ def _flux_size_floored(plan, item, ctx):
     return None
 
 
-@rule(
-    "flux_negative_unused", "warning", "preview",
-    "ai-toolkit samples FLUX.1 with the plain FluxPipeline: guidance goes only into the guidance embedding and "
-    "the negative prompt is encoded but never used (no true CFG). Inference that applies this negative with true "
-    "CFG (ComfyUI's CFG > 1, diffusers' true_cfg_scale) renders another picture.",
-    "Drop the negative prompt in inference (or train with model.use_flux_cfg: true if you want it used).",
-    in_check=True, families=("flux",),
-)  # fmt: skip
+@rule("flux_negative_unused", "preview", in_check=True)
 def _flux_negative_unused(plan, item, ctx):
     if item.negative_prompt and not plan.family.rules.uses_negative(item.guidance_scale or 0.0, plan.model_flags):
         return Finding(f"negative prompt {item.negative_prompt!r} never reached the preview",
@@ -903,14 +698,7 @@ def _flux_negative_unused(plan, item, ctx):
     return None
 
 
-@rule(
-    "flux_guidance_embedding", "info", "job",
-    "FLUX.1-dev is guidance-distilled: guidance_scale is a value fed to the guidance embedding (about 3.5 is "
-    "typical), not a classifier-free guidance scale. Inference that treats it as CFG (two passes, "
-    "uncond + g * (cond - uncond)) renders another picture.",
-    "Pass the same value as the distilled guidance (diffusers: guidance_scale; ComfyUI: FluxGuidance) with CFG 1.",
-    families=("flux",),
-)  # fmt: skip
+@rule("flux_guidance_embedding", "job")
 def _flux_guidance_embedding(plan, item, ctx):
     if plan.model_flags.get("use_flux_cfg"):
         return None
@@ -921,43 +709,21 @@ def _flux_guidance_embedding(plan, item, ctx):
     return None
 
 
-@rule(
-    "flux_true_cfg", "warning", "job",
-    "model.use_flux_cfg: ai-toolkit sampled with true CFG: the guidance embedding bypassed and, when guidance > 1, "
-    "a second pass on the negative prompt, uncond + g * (cond - uncond). The plain FluxPipeline (and most "
-    "FLUX.1 inference) does neither.",
-    "Run inference with true CFG at the same scale and the guidance embedding bypassed (as training did), or "
-    "retrain without use_flux_cfg.",
-    families=("flux",),
-)  # fmt: skip
+@rule("flux_true_cfg", "job")
 def _flux_true_cfg(plan, item, ctx):
     if plan.model_flags.get("use_flux_cfg"):
         return Finding("previews sampled with true CFG and no guidance embedding (model.use_flux_cfg: true)")
     return None
 
 
-@rule(
-    "flux_attn_masking", "info", "job",
-    "model.attn_masking (with is_flux: true): the T5 embeddings' padded positions were zeroed before the "
-    "transformer. Inference that feeds the padded embeddings as they come renders a slightly different picture.",
-    "Zero T5's padded positions in inference too, or train without attn_masking.",
-    families=("flux",),
-)  # fmt: skip
+@rule("flux_attn_masking", "job")
 def _flux_attn_masking(plan, item, ctx):
     if plan.model_flags.get("attn_masking"):
         return Finding("T5 padding zeroed in every preview (model.attn_masking)")
     return None
 
 
-@rule(
-    "flux_quantized_lora_hooks", "warning", "job",
-    "A quantised FLUX.1 transformer (model.quantize) cannot take a merged LoRA: ai-toolkit ran it as an "
-    "unmerged float32 side branch on qfloat8 weights. Inference that fuses the LoRA into quantised (or bf16) "
-    "weights rounds the LoRA's small deltas away, so its effect shrinks or vanishes.",
-    "Keep the LoRA unmerged in inference on a quantised model, or fuse it into full-precision weights before "
-    "quantising.",
-    families=("flux",),
-)  # fmt: skip
+@rule("flux_quantized_lora_hooks", "job")
 def _flux_quantized_lora(plan, item, ctx):
     if plan.quantize:
         return Finding(f"transformer quantised ({plan.qtype}): the LoRA ran unmerged in every preview",
@@ -974,11 +740,7 @@ def lora_keys_cause(problem: str, checkpoint: str | None) -> Cause:
     ))  # fmt: skip
 
 
-@rule(
-    "lora_keys_unmatched", "error", "preview",
-    "Keys that match no transformer layer are not applied; inference tools drop them silently.",
-    "Check the key prefix (diffusion_model. / transformer.) and the module names against the model.",
-)  # fmt: skip
+@rule("lora_keys_unmatched", "preview")
 def _lora_keys_unmatched(plan, item, ctx):
     if item.checkpoint is None or ctx.job is None:
         return None
@@ -992,11 +754,7 @@ def _lora_keys_unmatched(plan, item, ctx):
     return None
 
 
-@rule(
-    "checkpoint_unreadable", "error", "preview",
-    "The checkpoint's tensors cannot be read (truncated or corrupt file), so the preview cannot be replayed.",
-    "Copy the checkpoint again from the training machine.",
-)  # fmt: skip
+@rule("checkpoint_unreadable", "preview")
 def _checkpoint_unreadable(plan, item, ctx):
     if item.checkpoint is None or ctx.job is None:
         return None
@@ -1008,12 +766,7 @@ def _checkpoint_unreadable(plan, item, ctx):
     return None
 
 
-@rule(
-    "lora_untrained", "warning", "preview",
-    "Every lora_B (up) matrix of the checkpoint is zero, as at initialisation: the LoRA changes nothing, so the "
-    "preview is the base model. A training problem, not an inference mismatch.",
-    "Check the learning rate and that training ran; compare against the base model.",
-)  # fmt: skip
+@rule("lora_untrained", "preview")
 def _lora_untrained(plan, item, ctx):
     if item.checkpoint is None or item.step == 0 or ctx.job is None:
         return None
@@ -1027,14 +780,7 @@ def _lora_untrained(plan, item, ctx):
     return None
 
 
-@rule(
-    "lora_nonfinite", "error", "preview",
-    "The checkpoint holds NaN or infinite values. Merged or added, one of them makes every weight it touches, "
-    "then the whole image, NaN: the preview and any replay come out black or as noise, and no setting explains "
-    "the difference. Training diverged (learning rate too high, fp16 overflow) or the file is corrupt.",
-    "Use an earlier checkpoint, lower the learning rate or train in bf16/fp32; `parity lora FILE` lists the "
-    "tensors.",
-)  # fmt: skip
+@rule("lora_nonfinite", "preview")
 def _lora_nonfinite(plan, item, ctx):
     if item.checkpoint is None or ctx.job is None:
         return None
@@ -1052,13 +798,7 @@ def _lora_nonfinite(plan, item, ctx):
 # where ai-toolkit-inference departs from the previews (FACTS §6): informational
 
 
-@rule(
-    "ir_empty_negative_templated_once", "info", "job",
-    "Training templates the empty negative prompt with OmniGen2's chat template twice; ai-toolkit-inference "
-    "leaves an empty negative untemplated, so the pipeline templates it once: the unconditional branch differs.",
-    "Template the empty negative twice at inference (parity's server profile shows the effect).",
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("server_empty_negative_once", "job")
 def _ir_empty_negative(plan, item, ctx):
     empty = [p for p in ctx.prompts() if p.settings.negative_prompt == "" and p.settings.guidance_scale > 1]
     if empty:
@@ -1067,13 +807,7 @@ def _ir_empty_negative(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_size_floored_to_16", "info", "job",
-    "ai-toolkit-inference floors width and height to a multiple of 16 and returns that smaller image; "
-    "ai-toolkit resizes back to the requested size.",
-    "Resize the server's output back (bilinear) to the preview size before comparing.",
-    families=("omnigen2",),
-)  # fmt: skip
+@rule("server_size_floor16", "job")
 def _ir_size_floored(plan, item, ctx):
     sizes = sorted({(i.width, i.height) for i in plan.items if i.width and (i.width % 16 or i.height % 16)})
     if sizes:
@@ -1084,13 +818,7 @@ def _ir_size_floored(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_jpeg_quality", "info", "job",
-    "Previews are JPEG at Pillow's default quality 75 (4:2:0); ai-toolkit-inference returns JPEG quality 95. "
-    "Two different losses cap the agreement even for identical pixels.",
-    "Compare lossless outputs, or encode both the same way (parity encodes replays like the preview).",
-    families=SERVED,
-)  # fmt: skip
+@rule("server_jpeg_q95", "job")
 def _ir_jpeg_quality(plan, item, ctx):
     if plan.sample_format.lower() in ("jpg", "jpeg"):
         return Finding(
@@ -1100,13 +828,7 @@ def _ir_jpeg_quality(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_defaults_differ", "info", "job",
-    "A request that leaves settings out gets ai-toolkit-inference's defaults (25 steps, cfg 4, 1024x1024), "
-    "not the sample section's.",
-    "Send steps, guidance scale, width and height with every request.",
-    families=SERVED,
-)  # fmt: skip
+@rule("server_defaults_differ", "job")
 def _ir_defaults_differ(plan, item, ctx):
     prompts = ctx.prompts()
     steps = sorted({p.settings.num_inference_steps for p in prompts} - {IR_STEPS})
@@ -1125,12 +847,7 @@ def _ir_defaults_differ(plan, item, ctx):
                    {"steps": steps, "guidance_scale": cfgs, "sizes": [list(s) for s in sizes]})  # fmt: skip
 
 
-@rule(
-    "ir_default_seeds", "info", "job",
-    "ai-toolkit-inference seeds prompt i with 42 + i when the request has no seed; the previews used other seeds.",
-    "Send each preview's seed with the request (parity plan lists them).",
-    families=SERVED,
-)  # fmt: skip
+@rule("server_seed_default", "job")
 def _ir_default_seeds(plan, item, ctx):
     other = {p.label: p.settings.seed for p in ctx.prompts()
              if p.settings.seed is not None and p.settings.seed != IR_FIRST_SEED + p.index}  # fmt: skip
@@ -1140,13 +857,7 @@ def _ir_default_seeds(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_flags_not_parsed", "info", "job",
-    "ai-toolkit-inference does not parse '--' flags: '--w 96 --seed 7 ...' would reach the model as prompt text "
-    "and the settings they set in training would be lost.",
-    "Strip the flags from the prompt and send their values as request fields.",
-    families=SERVED,
-)  # fmt: skip
+@rule("server_no_flag_parsing", "job")
 def _ir_flags_not_parsed(plan, item, ctx):
     flagged = [p for p in ctx.prompts() if p.flags]
     if flagged:
@@ -1157,13 +868,7 @@ def _ir_flags_not_parsed(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_per_prompt_multiplier", "info", "job",
-    "ai-toolkit-inference has one request-level LoRA multiplier; per-prompt multipliers of the previews "
-    "cannot be expressed.",
-    "Send one request per multiplier with loras[0].network_multiplier set to it.",
-    families=SERVED,
-)  # fmt: skip
+@rule("server_single_multiplier", "job")
 def _ir_per_prompt_multiplier(plan, item, ctx):
     values = {p.label: p.settings.network_multiplier for p in ctx.prompts()}
     if len(set(values.values())) > 1:
@@ -1176,14 +881,7 @@ def _ir_per_prompt_multiplier(plan, item, ctx):
 # renders each): informational
 
 
-@rule(
-    "ir_flux_lora_adapter_bf16", "info", "job",
-    "ai-toolkit-inference loads a FLUX.1 LoRA with diffusers' load_lora_weights as a PEFT adapter that it never "
-    "fuses (base.py _load_lora): A and B rounded to bf16, B(A(x)) * multiplier computed in bf16. The previews "
-    "merged it in float32 (rounded once) or ran it as a float32 side branch: the last bits differ.",
-    "Nothing to send differently; parity's server profile measures the effect (usually SSIM > 0.98).",
-    families=("flux",),
-)  # fmt: skip
+@rule("server_lora_peft_bf16", "job")
 def _ir_flux_lora_adapter(plan, item, ctx):
     rounds = sorted({i.step for i in plan.items if i.weights != "base"})
     if rounds:
@@ -1192,55 +890,37 @@ def _ir_flux_lora_adapter(plan, item, ctx):
     return None
 
 
-@rule(
-    "ir_flux_no_true_cfg", "info", "job",
-    "ai-toolkit-inference calls diffusers' FluxPipeline without true_cfg_scale (flux_dev.py _run_inference): "
-    "guidance goes into the guidance embedding and the negative prompt is dropped. The previews were sampled with "
-    "true CFG and the guidance embedding bypassed (model.use_flux_cfg).",
-    "No request field turns true CFG on: compare against a pipeline that runs it, or retrain without use_flux_cfg.",
-    families=("flux",),
-)  # fmt: skip
+@rule("server_no_true_cfg", "job")
 def _ir_flux_no_true_cfg(plan, item, ctx):
     if plan.model_flags.get("use_flux_cfg"):
         return Finding("previews used true CFG (model.use_flux_cfg); ai-toolkit-inference never does")
     return None
 
 
-@rule(
-    "ir_flux_no_attn_masking", "info", "job",
-    "ai-toolkit-inference's FluxPipeline feeds T5's padded positions as they come; the previews had them zeroed "
-    "(model.attn_masking).",
-    "No request field zeroes them: expect a small difference, or retrain without attn_masking.",
-    families=("flux",),
-)  # fmt: skip
+@rule("server_no_attn_masking", "job")
 def _ir_flux_no_attn_masking(plan, item, ctx):
     if plan.model_flags.get("attn_masking"):
         return Finding("previews zeroed T5's padding (model.attn_masking); ai-toolkit-inference does not")
     return None
 
 
-@rule(
-    "ir_flux_not_quantized", "info", "job",
-    "ai-toolkit-inference loads FLUX.1-dev with FluxPipeline.from_pretrained in bf16 and quantises nothing "
-    "(flux_dev.py _load_pipeline); the previews ran a quantised transformer and/or T5.",
-    "Expect the quantisation's difference (parity's server profile measures it), or train without quantize.",
-    families=("flux",),
-)  # fmt: skip
-def _ir_flux_not_quantized(plan, item, ctx):
-    parts = (["transformer"] if plan.quantize else []) + (["T5"] if plan.quantize_te else [])
-    if parts:
-        return Finding(f"previews ran a {plan.qtype}-quantised {' and '.join(parts)}; ai-toolkit-inference runs bf16",
-                       {"quantized": parts, "qtype": plan.qtype})  # fmt: skip
+@rule("server_no_quantization", "job")
+def _ir_not_quantized(plan, item, ctx):
+    if plan.quantize:
+        return Finding(f"previews ran a {plan.qtype}-quantised transformer; ai-toolkit-inference runs bf16",
+                       {"qtype": plan.qtype})  # fmt: skip
     return None
 
 
-@rule(
-    "ir_flux_base_model", "info", "job",
-    "ai-toolkit-inference's flux model always loads black-forest-labs/FLUX.1-dev (flux_dev.py CONFIG.base_model); "
-    "a LoRA trained on another FLUX.1 (schnell, a fine-tune, Flex.1) runs there on other base weights.",
-    "Train on FLUX.1-dev, or serve the LoRA with the base model it was trained on.",
-    families=("flux",),
-)  # fmt: skip
+@rule("server_no_te_quantization", "job")
+def _ir_te_not_quantized(plan, item, ctx):
+    if plan.quantize_te:
+        return Finding("previews were encoded with a quantised text encoder; ai-toolkit-inference's is bf16",
+                       {"quantize_te": True})  # fmt: skip
+    return None
+
+
+@rule("server_base_model", "job")
 def _ir_flux_base_model(plan, item, ctx):
     name = (plan.base_model or "").rstrip("/")
     if name and name.split("/")[-1].lower() != IR_FLUX_BASE.split("/")[-1].lower():
@@ -1251,6 +931,8 @@ def _ir_flux_base_model(plan, item, ctx):
 
 # ---------------------------------------------------------------------------------------------------------
 # running the rules
+
+RULES: tuple[Rule, ...] = tuple(_REGISTERED)  # every rule, in registration order
 
 
 def item_causes(plan: ReplayPlan, item: ReplayItem, ctx: LintContext | None = None) -> list[Cause]:
@@ -1267,6 +949,11 @@ def item_causes(plan: ReplayPlan, item: ReplayItem, ctx: LintContext | None = No
         if wanted and (finding := r.applies(plan, item, ctx or LintContext())) is not None:
             causes.append(r.cause(finding))
     return causes
+
+
+def job_codes(plan: ReplayPlan, ctx: LintContext) -> list[str]:
+    """The codes of the job-scope rules that hold for ``plan`` (what diagnosis orders its experiments by)."""
+    return [r.code for r in RULES if r.scope == "job" and r.serves(plan) and r.applies(plan, None, ctx) is not None]
 
 
 @dataclass(frozen=True)

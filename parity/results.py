@@ -247,6 +247,7 @@ class CheckReport:
     job_causes: list[Cause] = field(default_factory=list)  # knobs proven by experiment, once for the job
     lora_effects: list[dict[str, Any]] = field(default_factory=list)  # per checked round: LoRA on vs off
     seed_recovery: dict[str, Any] | None = None  # drawn seeds found by replay (parity.check.recovery_summary)
+    diagnosis: dict[str, Any] | None = None  # what diagnosis cost (parity.check.diagnosis_summary)
 
     def __post_init__(self):
         if self.fail_on not in FAIL_ON:
@@ -342,6 +343,7 @@ class CheckReport:
                         "trials": [dict(t) for t in self.kernel_trials]},
             "measured_drift": {"step0": self.base_drift, "fast": self.fast_drift},
             "seed_recovery": self.seed_recovery,
+            "diagnosis": self.diagnosis,
             "thresholds": self.thresholds.to_dict(),
             "ssim_convention": dict(self.ssim_convention),
             "fail_on": self.fail_on,
@@ -383,4 +385,5 @@ class CheckReport:
             job_causes=[Cause.from_dict(c) for c in data.get("job_causes") or []],
             lora_effects=list(data.get("lora_effects") or []),
             seed_recovery=data.get("seed_recovery"),
+            diagnosis=data.get("diagnosis"),
         )

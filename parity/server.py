@@ -1,7 +1,7 @@
 """The ``server`` profile: render a preview's request the way ai-toolkit-inference does (FACTS §6), and tell an
 inference deployment which of its behaviours break parity with the training previews.
 
-Each departure is a named rule of one family's catalogue (``Departure.families``; none: every family) with an
+Each departure is a cause of the catalogue (``parity.catalogue``: what it is, its families, its fix) with an
 applicability test in ``server_request`` and a way to turn it off (``disabled``). ``server_pixels`` renders the
 request with every applicable departure; ``departure_causes`` renders each one ALONE and reports those that
 change the picture, with the measured effect as evidence.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from parity import catalogue
 from parity.jobfolder import JobFolder
 from parity.plan import ReplayItem, ReplayPlan, replace_trigger, split_prompt_flags
 from parity.replay import Knobs, Replayer
@@ -33,83 +34,35 @@ from parity.scores import Thresholds, compute_metrics, load_rgb
 SERVER_JPEG_QUALITY = 95
 
 
-@dataclass(frozen=True)
-class Departure:
-    code: str
-    title: str
-    explanation: str
-    fix: str
-    families: tuple[str, ...] = ()  # the model families whose server profile has it (pipelines.registry); () = all
-
-
-OMNIGEN2, FLUX = ("omnigen2",), ("flux",)
-DEPARTURES = {
-    d.code: d
-    for d in (
-        Departure("server_size_floor16", "the server floors the size to 16 and returns the smaller image",
-                  "ai-toolkit generates at the floor-16 size too but resizes the result back to the requested size.",
-                  "Resize the output back to the requested size (bilinear), or use sizes that are multiples of 16.",
-                  OMNIGEN2),
-        Departure("server_empty_negative_once", "an empty negative prompt is chat-templated once, not twice",
-                  "ai-toolkit-inference leaves an empty negative untemplated, so OmniGen2 templates it once; training "
-                  "templated it twice. This changes the unconditional branch at the default settings.",
-                  "Template the empty negative like any other (twice).", OMNIGEN2),
-        Departure("server_no_flag_parsing", "prompt flags (--w --h --seed --cfg --steps --n --m) are sent as text",
-                  "ai-toolkit parses '--' flags out of sample prompts; the server passes them to the text encoder and "
-                  "ignores their values.",
-                  "Parse the flags as ai-toolkit does and send their values as request fields."),
-        Departure("server_seed_default", "the server seeds a prompt without its own seed with 42 + index",
-                  "ai-toolkit used the section seed (walk_seed adds the index; an item's seed carries over).",
-                  "Send every prompt's effective seed (parity plan shows it)."),
-        Departure("server_lora_fuse_fp16", "the LoRA is fused in bf16 from the file's float16 weights",
-                  "ai-toolkit merges the fp32 LoRA as an fp32 sum rounded once, or runs it unmerged.",
-                  "Fuse as W = bf16(fp32(W) + m * fp32(B) @ fp32(A)), or run the LoRA unmerged.",
-                  OMNIGEN2),
-        Departure("server_single_multiplier", "one request-level LoRA multiplier replaces per-prompt multipliers",
-                  "The request schema has no per-prompt multiplier; the preview used its prompt's own.",
-                  "Send the prompt's network_multiplier (a per-request LoRA scale)."),
-        Departure("server_no_te_quantization", "the server's text encoder is not quantised",
-                  "The previews were encoded with a qfloat8-quantised Qwen2.5-VL (model.quantize_te).",
-                  "Quantise the text encoder like training, or retrain the samples without quantize_te.",
-                  OMNIGEN2),
-        Departure("server_jpeg_q95", "the server saves JPEG quality 95, the previews Pillow's default 75",
-                  "Compressing the same pixels differently changes the decoded image.",
-                  "Compare lossless outputs, or save like ai-toolkit (Pillow defaults)."),
-        # FLUX.1-dev (src/pipelines/flux_dev.py FluxDevPipeline); each comment names where it is read
-        # base.py BasePipeline._load_lora: PipelineConfig's default SET_ADAPTERS, so load_lora_weights makes a PEFT
-        # adapter that is never fused; PEFT casts A/B to the layer dtype and adds B(A(x)) * scale in it
-        Departure("server_lora_peft_bf16", "the LoRA runs as an unfused PEFT adapter in bf16",
-                  "ai-toolkit merged the LoRA as an fp32 sum rounded once to bf16, or ran it as an fp32 side branch "
-                  "(hooks); the server's adapter rounds A and B to bf16 and computes B(A(x)) * multiplier in bf16.",
-                  "Merge the LoRA as W = bf16(fp32(W) + m * fp32(B) @ fp32(A)), or run it unmerged in float32.",
-                  FLUX),
-        # flux_dev.py FluxDevPipeline._run_inference: no true_cfg_scale, so FluxPipeline's 1.0: guidance goes into
-        # the guidance embedding and the negative prompt is dropped
-        Departure("server_no_true_cfg", "the server never runs true CFG: guidance embedding only, negative unused",
-                  "The previews were sampled with model.use_flux_cfg: ai-toolkit's FluxWithCFGPipeline bypassed the "
-                  "guidance embedding and ran uncond + g * (cond - uncond) on the negative prompt.",
-                  "Run inference with true CFG at the preview's scale and the guidance embedding bypassed.", FLUX),
-        # flux_dev.py FluxDevPipeline._load_pipeline: plain FluxPipeline, whose _get_t5_prompt_embeds keeps T5's
-        # padded positions
-        Departure("server_no_attn_masking", "the server keeps T5's padded positions (no attn_masking)",
-                  "The previews' T5 embeddings had their padded positions zeroed (model.attn_masking).",
-                  "Zero T5's padded output positions in inference, as training did.", FLUX),
-        # flux_dev.py FluxDevPipeline._load_pipeline: FluxPipeline.from_pretrained(torch_dtype=...) quantises nothing
-        Departure("server_no_quantization", "the server's transformer is bf16, not quantised",
-                  "The previews ran a qfloat8-quantised transformer (model.quantize) with the LoRA as an fp32 side "
-                  "branch on it.",
-                  "Quantise the transformer like training (optimum-quanto, model.qtype), or train without quantize.",
-                  FLUX),
-        Departure("server_no_t5_quantization", "the server's T5 text encoder is not quantised",
-                  "The previews were encoded with a quantised T5 (model.quantize_te, with model.qtype).",
-                  "Quantise T5 like training, or train with quantize_te: false.", FLUX),
-    )
-}
+# What the server profile renders, in the order they are reported: the catalogue's codes (parity/catalogue.py holds
+# what each one is and its fix; ``server_request`` below, when each applies and how it is rendered). A departure
+# whose kind names families belongs to those families' server profiles only.
+DEPARTURES = (
+    "server_size_floor16",  # OmniGen2: the size floored to 16, not resized back
+    "server_empty_negative_once",  # OmniGen2: the empty negative templated once
+    "server_no_flag_parsing",
+    "server_seed_default",
+    "server_lora_fuse_fp16",  # OmniGen2: fused in bf16 from the file's float16
+    "server_single_multiplier",
+    "server_no_te_quantization",
+    "server_jpeg_q95",
+    # FLUX.1-dev, read in src/pipelines/flux_dev.py and base.py:
+    # base.py BasePipeline._load_lora: PipelineConfig's default SET_ADAPTERS, so load_lora_weights makes a PEFT
+    # adapter that is never fused; PEFT casts A/B to the layer dtype and adds B(A(x)) * scale in it
+    "server_lora_peft_bf16",
+    # flux_dev.py FluxDevPipeline._run_inference: no true_cfg_scale, so FluxPipeline's 1.0: guidance goes into the
+    # guidance embedding and the negative prompt is dropped
+    "server_no_true_cfg",
+    # flux_dev.py FluxDevPipeline._load_pipeline: plain FluxPipeline, whose _get_t5_prompt_embeds keeps T5's padded
+    # positions, and from_pretrained(torch_dtype=...) quantises nothing
+    "server_no_attn_masking",
+    "server_no_quantization",
+)
 
 
 def departures_for(family: str) -> tuple[str, ...]:
-    """The departure codes of ``family``'s server profile, in catalogue order."""
-    return tuple(code for code, d in DEPARTURES.items() if not d.families or family in d.families)
+    """The departure codes of ``family``'s server profile, in report order."""
+    return tuple(code for code in DEPARTURES if catalogue.kind(code).concerns(family))
 
 
 @dataclass
@@ -126,14 +79,14 @@ def server_request(plan: ReplayPlan, job: JobFolder, item: ReplayItem, request_m
     sample = section.samples[item.prompt_index] if item.prompt_index < len(section.samples) else None
     raw = replace_trigger((section.prompts[item.prompt_index] if sample else item.prompt) or "", plan.trigger_word)
     _, flags = split_prompt_flags(raw)
-    catalogue = departures_for(plan.family.name)
+    codes = departures_for(plan.family.name)
     applies: list[str] = []
     changes: dict = {}
     knobs: dict = {}
     options: list = []
 
     def on(code: str) -> bool:
-        if code not in catalogue:
+        if code not in codes:
             return False
         applies.append(code)
         return code not in disabled
@@ -178,8 +131,6 @@ def server_request(plan: ReplayPlan, job: JobFolder, item: ReplayItem, request_m
         knobs["te_quantized"] = False
     if plan.quantize and on("server_no_quantization"):
         options.append(("transformer_quantized", False))
-    if plan.quantize_te and on("server_no_t5_quantization"):
-        knobs["te_quantized"] = False
     on("server_jpeg_q95")
     if options:
         knobs["options"] = tuple(options)
@@ -218,12 +169,12 @@ def departure_causes(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item:
     encoding = identify_encoding(preview_path)
     full = server_request(plan, job, item)
     ssim = compare(preview, server_pixels(replayer, full))
-    catalogue = departures_for(plan.family.name)
-    everything = frozenset(catalogue)
+    codes = departures_for(plan.family.name)
+    everything = frozenset(codes)
     training = replayer.replay(server_request(plan, job, item, disabled=everything).item).pixels
     training_ssim = compare(preview, encode_like(training, encoding))
     causes = []
-    for code in catalogue:
+    for code in codes:
         if code not in server_request(plan, job, item, disabled=everything - {code}).departures:
             continue  # does not apply to this preview on its own
         if code == "server_jpeg_q95":
@@ -238,13 +189,11 @@ def departure_causes(replayer: Replayer, plan: ReplayPlan, job: JobFolder, item:
         alone_ssim = compare(preview, alone)
         if alone.shape == training.shape and np.array_equal(alone, encode_like(training, encoding)):
             continue
-        d = DEPARTURES[code]
-        severity = "error" if alone_ssim < thresholds.drift_min_ssim else "warning"
-        causes.append(Cause(
-            code, severity, d.title,
-            f"{d.explanation} Alone, it moves SSIM against the preview from {training_ssim:.3f} (training "
-            f"behaviour) to {alone_ssim:.3f}.",
-            d.fix, {"ssim_training": round(training_ssim, 4), "ssim_with_departure": round(alone_ssim, 4)},
+        causes.append(catalogue.cause(
+            code, severity="error" if alone_ssim < thresholds.drift_min_ssim else "warning",
+            explanation=f"{catalogue.kind(code).explanation} Alone, it moves SSIM against the preview from "
+                        f"{training_ssim:.3f} (training behaviour) to {alone_ssim:.3f}.",
+            evidence={"ssim_training": round(training_ssim, 4), "ssim_with_departure": round(alone_ssim, 4)},
         ))
     causes.sort(key=lambda c: c.evidence["ssim_with_departure"])
     return ssim, causes

@@ -36,13 +36,12 @@ class PreviewRules:
 @dataclass(frozen=True)
 class KnobFlip:
     """A family-specific way to render a preview differently, for diagnosis (e.g. OmniGen2's chat template
-    applied once): ``options`` go into :attr:`RenderRequest.options`."""
+    applied once): ``options`` go into :attr:`RenderRequest.options`. ``code`` names the cause it would prove in
+    the harness's catalogue of causes, which says what it means and what to do."""
 
     code: str
     label: str
     options: tuple[tuple[str, Any], ...]
-    title: str
-    fix: str
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,9 @@ def test_a_rerun_reuses_the_diagnosis_replays(tmp_path):
     second = check(folder, tmp_path / "out", steps="0")
     assert set((tmp_path / "out" / "replays").glob("*.png")) == replays  # nothing new replayed
     assert [c.code for c in second.job_causes] == [c.code for c in first.job_causes] == ["seed_changed"]
+    # the cost, in the report: the same experiments, replayed the first time, from the cache the second
+    cost, again = first.diagnosis, second.diagnosis
+    assert cost["previews"] == again["previews"] == 2  # step 0, prompts 0 and 2 (prompt 1 has its own --seed)
+    assert cost["experiments"] == again["experiments"] == cost["replays"] > 0 and cost["cached"] == 0
+    assert again["replays"] == 0 and again["cached"] == cost["experiments"]
+    assert cost["per_preview"] == cost["experiments"] / 2 and first.to_dict()["diagnosis"] == cost

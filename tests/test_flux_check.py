@@ -101,7 +101,7 @@ def test_lint_speaks_flux():
     report = lint(ORACLE_DIR / "jobs" / "flux_odd", str(TINY_FLUX))
     codes = {f.cause.code: f for f in report.findings}
     assert "flux_negative_unused" in codes and "flux_size_floored_to_16" in codes and "flux_guidance_embedding" in codes
-    assert not {c for c in codes if c in ("size_not_multiple_of_16", "above_1mp", "ir_size_floored_to_16")}
+    assert not {c for c in codes if c in ("size_not_multiple_of_16", "above_1mp", "server_size_floor16")}
     assert not [f for f in report.findings if f.cause.severity == "error"]
     assert "tiny_flux" in report.lora_checked_against
 

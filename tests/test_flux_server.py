@@ -13,23 +13,24 @@ import numpy as np
 import pytest
 
 from fixtures import ORACLE_DIR
+from parity import catalogue
 from parity.check import CheckOptions, run_check
 from parity.jobfolder import read_job_folder
 from parity.plan import build_plan
 from parity.replay import Replayer, ReplayOptions
 from parity.scores import Thresholds, compute_metrics
-from parity.server import DEPARTURES, departure_causes, departures_for, server_request
+from parity.server import departure_causes, departures_for, server_request
 
 TINY_FLUX = ORACLE_DIR / "tiny_flux"
 NOISE = "torch2.13-avx2"  # the oracle's draw (tests/conftest.py holds the CPU to AVX2)
-SHARED = ("server_no_flag_parsing", "server_seed_default", "server_single_multiplier", "server_jpeg_q95")
-FLUX_OWN = ("server_lora_peft_bf16", "server_no_true_cfg", "server_no_attn_masking", "server_no_quantization",
-            "server_no_t5_quantization")
+SHARED = ("server_no_flag_parsing", "server_seed_default", "server_single_multiplier", "server_no_te_quantization",
+          "server_jpeg_q95")
+FLUX_OWN = ("server_lora_peft_bf16", "server_no_true_cfg", "server_no_attn_masking", "server_no_quantization")
 TRAINING_ONLY = {  # departure -> the job setting that makes it apply
     "server_no_true_cfg": "use_flux_cfg",
     "server_no_attn_masking": "attn_masking",
     "server_no_quantization": "quantize",
-    "server_no_t5_quantization": "quantize_te",
+    "server_no_te_quantization": "quantize_te",
 }
 
 
@@ -57,7 +58,7 @@ def test_flux_catalogue_adds_its_own_and_leaves_omnigen2s_as_it_was():
         "server_size_floor16", "server_empty_negative_once", "server_no_flag_parsing", "server_seed_default",
         "server_lora_fuse_fp16", "server_single_multiplier", "server_no_te_quantization", "server_jpeg_q95")
     assert set(departures_for("flux")) == set(SHARED + FLUX_OWN)
-    assert all(DEPARTURES[code].families == ("flux",) for code in FLUX_OWN)
+    assert all(catalogue.kind(code).families == ("flux",) for code in FLUX_OWN)
 
 
 # (step, prompt) of flux_odd -> what the full server request departs by (beyond JPEG q95, always; and the
@@ -145,7 +146,7 @@ def test_training_only_settings_each_change_the_picture_alone():
     assert effect["server_no_true_cfg"] < 0.7
     assert effect["server_no_attn_masking"] < 0.9
     assert 0.97 < effect["server_no_quantization"] < 0.9999
-    assert 0.99 < effect["server_no_t5_quantization"] < 1.0
+    assert 0.99 < effect["server_no_te_quantization"] < 1.0
     # the quantised transformer and T5 are back for the next training-side render
     assert np.array_equal(replayer.replay(item).pixels, training)
 

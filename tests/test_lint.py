@@ -33,11 +33,11 @@ CLEAN_CODES = {
         "merge_drift",  # steps 4 and 6 follow the merged step-2 round
         "trigger_word_absent",  # prompt 1 has no "sks"
         "flag_quotes_kept",  # --n "blurry"
-        "ir_empty_negative_templated_once",  # neg ''
-        "ir_jpeg_quality",
-        "ir_defaults_differ",  # 4-5 steps, 64 px
-        "ir_default_seeds",  # prompt 1: --seed 7
-        "ir_flags_not_parsed",
+        "server_empty_negative_once",  # neg ''
+        "server_jpeg_q95",
+        "server_defaults_differ",  # 4-5 steps, 64 px
+        "server_seed_default",  # prompt 1: --seed 7
+        "server_no_flag_parsing",
     },
     "og2_odd": {
         "size_not_multiple_of_16",  # 72x88, 88x64, 104x72
@@ -46,13 +46,13 @@ CLEAN_CODES = {
         "seed_carried_over",  # samples[1].seed 1234 carries to prompts 2, 3
         "trigger_word_absent",
         "size_floored_to_8",  # 88x40 -> 88x64, 100x60 -> 96x64
-        "ir_empty_negative_templated_once",
-        "ir_size_floored_to_16",
-        "ir_jpeg_quality",
-        "ir_defaults_differ",
-        "ir_default_seeds",
-        "ir_flags_not_parsed",
-        "ir_per_prompt_multiplier",
+        "server_empty_negative_once",
+        "server_size_floor16",
+        "server_jpeg_q95",
+        "server_defaults_differ",
+        "server_seed_default",
+        "server_no_flag_parsing",
+        "server_single_multiplier",
     },
     "flux_basic": {
         "lora_saved_fp16",
@@ -60,12 +60,12 @@ CLEAN_CODES = {
         "merge_drift",
         "trigger_word_absent",
         "flux_guidance_embedding",  # guidance 3.5, 4 into the embedding
-        "ir_jpeg_quality",
-        "ir_defaults_differ",
-        "ir_default_seeds",  # prompt 1: --seed 7
-        "ir_flags_not_parsed",
-        "ir_flux_lora_adapter_bf16",  # steps 2, 4, 6
-        "ir_flux_base_model",  # tiny_flux, not FLUX.1-dev
+        "server_jpeg_q95",
+        "server_defaults_differ",
+        "server_seed_default",  # prompt 1: --seed 7
+        "server_no_flag_parsing",
+        "server_lora_peft_bf16",  # steps 2, 4, 6
+        "server_base_model",  # tiny_flux, not FLUX.1-dev
     },
 }
 
@@ -243,13 +243,13 @@ CASES = [
      "every B matrix is zero"),
     ("lora_nonfinite", "error", "og2_basic", lambda d: rewrite_lora(d, "og2_basic_000000004.safetensors", nan_in_one_up),
      "og2_basic_000000004.safetensors: 1 tensor holds NaN/Inf values (3 in all)"),
-    ("ir_empty_negative_templated_once", "info", "og2_odd", None, "sample prompts 0, 1, 2, 4 have an empty negative"),
-    ("ir_size_floored_to_16", "info", "og2_odd", None, "72x88 -> 64x80"),
-    ("ir_jpeg_quality", "info", "og2_basic", None, "q75"),
-    ("ir_defaults_differ", "info", "og2_basic", None, "steps 4, 5 (default 25); cfg 3 (default 4); size 64x64, 96x64"),
-    ("ir_default_seeds", "info", "og2_odd", None, "sample prompt 4: 99"),
-    ("ir_flags_not_parsed", "info", "og2_odd", None, "'--' flags in sample prompts 2, 4"),
-    ("ir_per_prompt_multiplier", "info", "og2_odd", None, "sample prompt 3: 0.5"),
+    ("server_empty_negative_once", "info", "og2_odd", None, "sample prompts 0, 1, 2, 4 have an empty negative"),
+    ("server_size_floor16", "info", "og2_odd", None, "72x88 -> 64x80"),
+    ("server_jpeg_q95", "info", "og2_basic", None, "q75"),
+    ("server_defaults_differ", "info", "og2_basic", None, "steps 4, 5 (default 25); cfg 3 (default 4); size 64x64, 96x64"),
+    ("server_seed_default", "info", "og2_odd", None, "sample prompt 4: 99"),
+    ("server_no_flag_parsing", "info", "og2_odd", None, "'--' flags in sample prompts 2, 4"),
+    ("server_single_multiplier", "info", "og2_odd", None, "sample prompt 3: 0.5"),
     # FLUX.1
     ("flux_size_floored_to_16", "info", "flux_odd", None, "72x88 is not a multiple of 16"),
     ("flux_negative_unused", "warning", "flux_odd", None, "'blurry, noise' never reached the preview"),
@@ -258,11 +258,14 @@ CASES = [
     ("flux_attn_masking", "info", "flux_basic", flux_attn_masking, "T5 padding zeroed"),
     ("flux_quantized_lora_hooks", "warning", "flux_basic", setting("model", "quantize", True),
      "transformer quantised (qfloat8)"),
-    ("ir_flux_lora_adapter_bf16", "info", "flux_basic", None, "steps 2, 4, 6 would run as a bf16 PEFT adapter"),
-    ("ir_flux_no_true_cfg", "info", "flux_basic", setting("model", "use_flux_cfg", True), "never does"),
-    ("ir_flux_no_attn_masking", "info", "flux_basic", flux_attn_masking, "zeroed T5's padding"),
-    ("ir_flux_not_quantized", "info", "flux_basic", setting("model", "quantize_te", True), "qfloat8-quantised T5"),
-    ("ir_flux_base_model", "info", "flux_basic", None, "serves black-forest-labs/FLUX.1-dev"),
+    ("server_lora_peft_bf16", "info", "flux_basic", None, "steps 2, 4, 6 would run as a bf16 PEFT adapter"),
+    ("server_no_true_cfg", "info", "flux_basic", setting("model", "use_flux_cfg", True), "never does"),
+    ("server_no_attn_masking", "info", "flux_basic", flux_attn_masking, "zeroed T5's padding"),
+    ("server_no_quantization", "info", "flux_basic", setting("model", "quantize", True),
+     "qfloat8-quantised transformer"),
+    ("server_no_te_quantization", "info", "flux_basic", setting("model", "quantize_te", True),
+     "quantised text encoder"),
+    ("server_base_model", "info", "flux_basic", None, "serves black-forest-labs/FLUX.1-dev"),
 ]  # fmt: skip
 
 
@@ -271,7 +274,7 @@ def test_every_registered_rule_has_a_case_and_a_unique_code():
     assert len(codes) == len(set(codes))
     assert sorted(codes) == sorted(case[0] for case in CASES)
     for r in RULES:
-        assert r.explanation and r.fix and r.scope in ("job", "preview")
+        assert r.kind.explanation and r.kind.fix and r.scope in ("job", "preview")
 
 
 @pytest.mark.parametrize("job", sorted(CLEAN_CODES))
@@ -304,7 +307,7 @@ def test_findings_are_ordered_errors_first_and_preview_findings_list_their_previ
     deleted = next(f for f in report.findings if f.cause.code == "checkpoint_deleted")
     assert deleted.scope == "preview" and len(deleted.previews) == 3
     assert all("__000000002_" in p for p in deleted.previews)
-    # width 72 adds size_not_multiple_of_16 and ir_size_floored_to_16, and no longer fits the 64 px previews
+    # width 72 adds size_not_multiple_of_16 and server_size_floor16, and no longer fits the 64 px previews
     assert report.codes[0] == "preview_size_mismatch"
     assert report.counts == {"info": len(CLEAN_CODES["og2_basic"]) + 2, "warning": 1, "error": 1}
 
@@ -333,8 +336,8 @@ def test_a_job_that_matches_the_server_defaults_gets_no_ir_rule_but_jpeg(tmp_pat
         process["sample"]["prompts"] = ["[trigger] a cat", "[trigger] a dog", "[trigger] a bird"]
 
     edit_process(job_dir, server_like)
-    codes = {c for c in run_lint(job_dir).codes if c.startswith("ir_")}
-    assert codes == {"ir_jpeg_quality"}
+    codes = {c for c in run_lint(job_dir).codes if c.startswith("server_")}
+    assert codes == {"server_jpeg_q95"}
 
 
 def test_item_causes_keeps_the_check_rules_and_their_order():
@@ -391,7 +394,7 @@ def test_cli_lint_json_and_bad_input(monkeypatch, capsys, tmp_path):
     code, out, _ = run(JOBS / "og2_odd", "--base-model", TINY, "--json")
     data = json.loads(out)
     assert code == 0 and {f["code"] for f in data["findings"]} == CLEAN_CODES["og2_odd"]
-    serving = [r for r in RULES if not r.families or "omnigen2" in r.families]  # og2_odd's family
+    serving = [r for r in RULES if r.kind.concerns("omnigen2")]  # og2_odd's family
     assert data["counts"]["info"] == len(data["findings"]) and data["rules_checked"] == len(serving) < len(RULES)
     code, out, err = run(tmp_path / "nope")
     assert code == 2 and "no such job folder" in err and out == ""

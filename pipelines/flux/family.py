@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.common import files
 from pipelines.family import Family, KnobFlip, LoadSpec, ModelDirError, PreviewRules, Session
 from pipelines.flux import rules
 
@@ -42,17 +42,7 @@ def safetensors_weights(folder: Path) -> list[Path]:
 
 def transformer_config(root: Path) -> dict[str, Any]:
     """``transformer/config.json`` of ``root``, checked to be a FluxTransformer2DModel."""
-    path = root / "transformer" / "config.json"
-    if not path.is_file():
-        raise ModelDirError(path, "missing transformer config")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    name = config.get("_class_name")
-    if name != TRANSFORMER_CLASS:
-        raise ModelDirError(path, f"transformer class is {name!r}, not {TRANSFORMER_CLASS} (not a FLUX.1 model)")
-    return config
+    return files.transformer_config(root, TRANSFORMER_CLASS, "not a FLUX.1 model")
 
 
 def check_model_dir(root: Path) -> None:
@@ -89,34 +79,10 @@ def knob_flips(item: Any, model_flags: dict | None = None) -> list[KnobFlip]:
     return flips
 
 
-_TRUE_CFG_ON = KnobFlip(
-    code="flux_true_cfg_on",
-    label="true CFG on (model.use_flux_cfg)",
-    options=(("true_cfg", True),),
-    title="The preview was made with true CFG: guidance embedding bypassed, negative prompt used",
-    fix="Replay with model.use_flux_cfg: true, as the training job had it",
-)
-_TRUE_CFG_OFF = KnobFlip(
-    code="flux_true_cfg_off",
-    label="true CFG off (guidance embedding only)",
-    options=(("true_cfg", False),),
-    title="The preview was made with the plain FluxPipeline: guidance embedding only, negative prompt unused",
-    fix="Replay without model.use_flux_cfg, as the training job had it",
-)
-_MASK_ON = KnobFlip(
-    code="flux_attn_masking_on",
-    label="T5 padding zeroed (model.attn_masking)",
-    options=(("attn_masking", True),),
-    title="The preview's T5 embeddings had their padded positions zeroed (model.attn_masking)",
-    fix="Replay with model.attn_masking: true (and is_flux: true, which ai-toolkit requires for it)",
-)
-_MASK_OFF = KnobFlip(
-    code="flux_attn_masking_off",
-    label="T5 padding kept (no attn_masking)",
-    options=(("attn_masking", False),),
-    title="The preview's T5 embeddings kept their padded positions (no model.attn_masking)",
-    fix="Replay without model.attn_masking, as the training job had it",
-)
+_TRUE_CFG_ON = KnobFlip("flux_true_cfg_on", "true CFG on (model.use_flux_cfg)", (("true_cfg", True),))
+_TRUE_CFG_OFF = KnobFlip("flux_true_cfg_off", "true CFG off (guidance embedding only)", (("true_cfg", False),))
+_MASK_ON = KnobFlip("flux_attn_masking_on", "T5 padding zeroed (model.attn_masking)", (("attn_masking", True),))
+_MASK_OFF = KnobFlip("flux_attn_masking_off", "T5 padding kept (no attn_masking)", (("attn_masking", False),))
 
 
 def skeleton(root: Path | None):

@@ -53,12 +53,8 @@ def _skeleton(root: Path | None):
 def _knob_flips(item, model_flags: dict) -> list[KnobFlip]:
     """The chat template applied once instead of twice: the mistake an inference script most often makes."""
     return [
-        KnobFlip("negative_template_once", "negative templated once", (("negative_template_passes", 1),),
-                 "the negative prompt was templated once, not twice",
-                 "Apply OmniGen2's chat template to the negative prompt twice, as ai-toolkit does."),
-        KnobFlip("prompt_template_once", "prompt templated once", (("prompt_template_passes", 1),),
-                 "the prompt was templated once, not twice",
-                 "Apply OmniGen2's chat template twice (the wrapper and encode_prompt both apply it)."),
+        KnobFlip("negative_template_once", "negative templated once", (("negative_template_passes", 1),)),
+        KnobFlip("prompt_template_once", "prompt templated once", (("prompt_template_passes", 1),)),
     ]
 
 
