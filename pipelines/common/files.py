@@ -65,3 +65,21 @@ def read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelDirError(path, "not a JSON object")
     return data
+
+
+def transformer_config(root: Path, class_name: str, otherwise: str) -> dict:
+    """``root/transformer/config.json``, checked to build ``class_name``; ModelDirError (one line) naming the file
+    otherwise, ending with ``otherwise`` (what a wrong class means for the family)."""
+    path = root / "transformer" / "config.json"
+    if not path.is_file():
+        raise ModelDirError(path, "missing transformer config")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelDirError(path, f"unreadable ({exc})") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != class_name:
+        raise ModelDirError(path, f"transformer class is {name!r}, not {class_name} ({otherwise})")
+    return config

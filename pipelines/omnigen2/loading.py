@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipelines.common.files import resolve_model_dir, safetensors_files
+from pipelines.common.files import resolve_model_dir, safetensors_files, transformer_config
 from pipelines.family import ModelDirError
 from pipelines.omnigen2.scheduler import FlowMatchEulerScheduler
 from pipelines.omnigen2.transformer import CONFIG_CLASS_NAME, OmniGen2Config, OmniGen2Transformer
@@ -44,16 +44,7 @@ def check_layout(root: Path) -> None:
     for sub in REQUIRED_SUBFOLDERS:
         if not (root / sub).is_dir():
             raise ModelDirError(root / sub, f"missing subfolder '{sub}' (expected {', '.join(REQUIRED_SUBFOLDERS)})")
-    config = root / "transformer" / "config.json"
-    if not config.is_file():
-        raise ModelDirError(config, "missing transformer config")
-    try:
-        data = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(config, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    name = data.get("_class_name")
-    if name != CONFIG_CLASS_NAME:
-        raise ModelDirError(config, f"transformer class is {name!r}, not {CONFIG_CLASS_NAME} (parity supports omnigen2)")
+    transformer_config(root, CONFIG_CLASS_NAME, "parity supports omnigen2")
 
 
 def load_state_dict(files: list[Path], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
