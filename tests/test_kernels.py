@@ -145,6 +145,24 @@ def test_each_transformer_runs_the_kernel_set_it_was_given():
     assert not a.attention_fallback.failed
 
 
+def test_two_sessions_keep_their_own_kernels():
+    """A session's kernels are its transformer's: setting them in one leaves another as it was; a set that cannot run
+    here is refused and changes nothing."""
+    from pipelines.family import LoadSpec
+    from pipelines.omnigen2.session import load_session
+
+    first, second = (load_session(LoadSpec(root=TINY, dtype="bfloat16", device="cpu")) for _ in range(2))
+    pinned = kernels.KernelSet().with_fast_attention("math")
+    first.pipeline.c.transformer.use_kernels(pinned)
+    first.set_kernels("torch")  # the profile again: --fast attention's setting stays
+    assert first.pipeline.c.transformer.kernels == pinned and first.kernels == "torch"
+    assert second.pipeline.c.transformer.kernels == kernels.KernelSet()
+    if triton_norm.available() is not None:
+        with pytest.raises(RuntimeError, match="kernel profile 'triton': "):
+            second.set_kernels("triton:8")
+        assert second.kernels == "torch"
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "parity", *args], capture_output=True, text=True)
 
