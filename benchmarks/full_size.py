@@ -224,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device("cuda" if cuda is torch.cuda else "cpu"), torch.bfloat16
-    kernels.set_kernel_profile("torch")
     env = {
         "device": cuda.get_device_name(device),
         "smoke": args.smoke,
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "kernel_profile": kernels.kernel_profile(),
+        "kernel_profile": kernels.KernelSet().spec,  # a model starts with PyTorch's kernels
     }
     for name in ("triton", "diffusers"):
         try:
@@ -385,8 +384,9 @@ def triton_checks(aitk, theirs, freqs, model, v_first, latent, timestep, cond, r
     out["retunes_vs_first_tuning"] = retunes
 
     profile = kernels.format_profile("triton", tuned)
+    before = model.kernels
     try:
-        kernels.set_kernel_profile(profile)
+        model.use_kernels(kernels.KernelSet.parse(profile, before.fast_attention))
         v = model(latent, timestep, cond.embeds, cond.mask)
         out["ours_triton_profile"] = profile
         out["ours_triton_pinned"] = diff(v, v_first)
@@ -395,11 +395,11 @@ def triton_checks(aitk, theirs, freqs, model, v_first, latent, timestep, cond, r
         )
         sweep = []
         for nw in sorted(kernels.TRITON_WARPS):
-            kernels.set_kernel_profile(f"triton:{nw}")
+            model.use_kernels(kernels.KernelSet.parse(f"triton:{nw}", before.fast_attention))
             sweep.append({"num_warps": nw, **diff(model(latent, timestep, cond.embeds, cond.mask), v_first)})
         out["ours_triton_warp_sweep_vs_aitk_first_tuning"] = sweep
     finally:
-        kernels.set_kernel_profile("torch")
+        model.use_kernels(before)
     return out
 
 

@@ -335,7 +335,6 @@ def check_on_aitk_previews(rows: list[dict], pixels: list[np.ndarray], model: st
             "verdicts": [i.outcome.value for i in report.items],
             "step0": report.base_drift,
         }
-    kernels.set_kernel_profile("torch")
     return out
 
 
@@ -390,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             env[name] = None
     results: dict = {"env": env}
 
-    # ---- ours
-    kernels.set_kernel_profile("torch")
+    # ---- ours (PyTorch's kernels: what a fresh transformer runs)
     components = load_components(args.model, dtype, device)
     pipe = OmniGen2Pipeline(components)
     ours_model = components.transformer
@@ -499,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ref = aitk_outputs["aitk_default"]
         profile = kernels.format_profile("triton", tuned)
-        kernels.set_kernel_profile(profile)
+        before = ours_model.kernels
+        ours_model.use_kernels(kernels.KernelSet.parse(profile, before.fast_attention))
         try:
             with torch.no_grad():
                 vel = [our_forward(ours_model, c) for c in cases]
@@ -537,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             # every width pinned to one warp count, against ai-toolkit's first tuning
             sweep = []
             for nw in sorted(kernels.TRITON_WARPS):
-                kernels.set_kernel_profile(f"triton:{nw}")
+                ours_model.use_kernels(kernels.KernelSet.parse(f"triton:{nw}", before.fast_attention))
                 with torch.no_grad():
                     v_nw = [our_forward(ours_model, c) for c in cases]
                 px_nw = [pipe(request_of(row)).pixels for row in rows]
@@ -559,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                 images[f"ours_triton_{i}"] = p
             results["ours_triton_vs_aitk_default"] = block
         finally:
-            kernels.set_kernel_profile("torch")
+            ours_model.use_kernels(before)
         results["check_auto_on_aitk_default_previews"] = check_on_aitk_previews(
             rows, ref["pixels"], args.model, out_dir)
     elif on_cuda:

@@ -529,7 +529,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device("cuda" if cuda is torch.cuda else "cpu"), torch.bfloat16
-    kernels.set_kernel_profile("torch")
     t_start = time.perf_counter()
     env = {
         "device": cuda.get_device_name(device),
@@ -643,13 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         model.compile_fast = True
         model.compile_mode = args.compile_mode
         model._fast_fns = None
-        library_default = kernels.fast_attention_setting()
+        library_default = model.kernels
         for setting in [x for x in args.fast_attention.split(",") if x]:
-            kernels._fast_attention.clear()
-            kernels._fast_attention.update(library_default)
-            if setting != "default":
+            if setting == "default":
+                model.use_kernels(library_default)
+            else:
                 backend, _, gqa = setting.partition("+")
-                kernels.set_fast_attention(backend, gqa == "gqa")
+                model.use_kernels(library_default.with_fast_attention(backend, gqa == "gqa"))
             name = "fast" if setting == "default" else f"fast[{setting}]"
             if over_budget(name):
                 continue
@@ -670,8 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} failed: {modes[name]['error']}", flush=True)
             del fast
             dump()
-        kernels._fast_attention.clear()
-        kernels._fast_attention.update(library_default)
+        model.use_kernels(library_default)
         if args.study and not over_budget("study"):
             short = image_request(args, steps=2)
             attn = model.layers[0].attn
@@ -724,12 +722,13 @@ def main(argv: list[str] | None = None) -> int:
         modes["aitk_default"]["autotuned_num_warps"] = {str(k): v for k, v in sorted(tuned.items())}
         # ai-toolkit's default GPU path, reproduced: our exact replay with its Triton RMSNorm at the tuner's warps
         if tuned and not over_budget("exact_triton"):
-            kernels.set_kernel_profile(kernels.format_profile("triton", tuned))
+            before = model.kernels
+            model.use_kernels(kernels.KernelSet.parse(kernels.format_profile("triton", tuned), before.fast_attention))
             exact_triton = make_pipe(model, vae, encodings, device, dtype)
             run_mode("exact_triton", lambda: exact_triton(request).pixels)
-            modes["exact_triton"]["kernels"] = kernels.kernel_profile()
+            modes["exact_triton"]["kernels"] = model.kernels.spec
             checks["exact_triton_vs_aitk_default"] = pixel_diff(kept["exact_triton"], kept["aitk_default"])
-            kernels.set_kernel_profile("torch")
+            model.use_kernels(before)
     res["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out_dir / "perf.json").write_text(json.dumps(res, indent=2, default=str))
     print_table(res)

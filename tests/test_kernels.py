@@ -30,12 +30,6 @@ AITK_PATH = os.environ.get("AI_TOOLKIT_PATH")
 AITK_NORM = Path(AITK_PATH or ".") / "extensions_built_in/diffusion_models/omnigen2/src/ops/triton/layer_norm.py"
 
 
-@pytest.fixture(autouse=True)
-def torch_profile_after():
-    yield
-    kernels.set_kernel_profile("torch")
-
-
 # ------------------------------------------------------------------------------------------- settings (CPU)
 
 
@@ -53,6 +47,12 @@ def test_profile_specs_round_trip(spec, parsed, canonical):
     assert kernels.parse_profile(spec) == parsed
     assert kernels.format_profile(*kernels.parse_profile(spec)) == canonical
     assert kernels.parse_profile(canonical) == kernels.parse_profile(spec) or parsed[1].get(2520) == 16
+
+    def value(text):  # KernelSet.parse without its can-it-run-here checks
+        name, warps, default = kernels.parse_profile(text)
+        return kernels.KernelSet(name, tuple(warps.items()), default)
+
+    assert value(spec) == value(canonical) and value(spec).spec == canonical
 
 
 @pytest.mark.parametrize(
@@ -92,8 +92,75 @@ def test_triton_profile_needs_cuda_and_says_so():
     if triton_norm.available() is None:
         pytest.skip("triton and CUDA are here")
     with pytest.raises(RuntimeError, match="kernel profile 'triton': "):
-        kernels.set_kernel_profile("triton:16")
-    assert kernels.kernel_profile() == "torch"
+        kernels.KernelSet.parse("triton:16")
+    assert kernels.KernelSet.parse("torch") == kernels.KernelSet()
+
+
+def test_kernel_sets_are_values_equal_when_their_choices_are():
+    """Warps equal to the default are dropped and the rest sorted: one value per choice, usable as a key."""
+    a = kernels.KernelSet("triton", ((2520, 16), (2048, 4)), 16)
+    b = kernels.KernelSet("triton", {2048: 4})
+    assert a == b and hash(a) == hash(b) and a.warps == ((2048, 4),)
+    assert a.spec == "triton:2048=4" and (a.warps_for(2048), a.warps_for(2520)) == (4, 16)
+    assert a.describe() == "Triton RMSNorm for the block norms (16 warps; width 2048: 4), SDPA attention"
+    assert kernels.KernelSet("torch", ((64, 4),), 8) == kernels.KernelSet()
+    assert kernels.KernelSet().describe() == kernels.KERNEL_PROFILES["torch"]
+    with pytest.raises(ValueError, match="unknown kernel profile 'tritn'"):
+        kernels.KernelSet("tritn")
+
+
+def test_fast_attention_is_part_of_the_value_but_not_of_the_spec():
+    default = kernels.KernelSet()
+    pinned = default.with_fast_attention("math", gqa=True)
+    assert pinned.fast_attention == kernels.FastAttention("math", True, fallback=False)
+    assert pinned != default and pinned.spec == default.spec == "torch"
+    assert default.fast_attention == kernels.FastAttention("cudnn", True, True)
+    assert kernels.KernelSet.parse("torch", pinned.fast_attention) == pinned
+    with pytest.raises(ValueError, match="unknown SDPA backend 'cudnn2'"):
+        default.with_fast_attention("cudnn2")
+
+
+def tiny_transformer():
+    from pipelines.omnigen2.transformer import OmniGen2Config, OmniGen2Transformer
+
+    return OmniGen2Transformer(OmniGen2Config.from_file(TINY / "transformer" / "config.json"))
+
+
+def test_each_transformer_runs_the_kernel_set_it_was_given():
+    """The set is the transformer's: its norms, attention and feed-forwards get it; another transformer keeps its own.
+    A new --fast attention setting starts with no failed backend."""
+    from pipelines.omnigen2.transformer import Attention, FeedForward, RMSNorm
+
+    a, b = tiny_transformer(), tiny_transformer()
+    holders = [m for m in a.modules() if isinstance(m, (RMSNorm, Attention, FeedForward))]
+    assert len(holders) == 5 * 6 + 1 and all(m.kernels is a.kernels for m in holders)  # 5 blocks, caption norm
+    triton = kernels.KernelSet("triton", ((72, 2),))
+    a.attention_fallback.failed = True
+    a.use_kernels(triton)
+    assert a.kernels is triton and all(m.kernels is triton for m in holders)
+    assert a.attention_fallback.failed  # same --fast attention: what failed here still fails
+    assert b.kernels == kernels.KernelSet() and not b.attention_fallback.failed
+    assert all(m.kernels == kernels.KernelSet() for m in b.modules() if isinstance(m, RMSNorm))
+    a.use_kernels(triton.with_fast_attention("math"))
+    assert not a.attention_fallback.failed
+
+
+def test_two_sessions_keep_their_own_kernels():
+    """A session's kernels are its transformer's: setting them in one leaves another as it was; a set that cannot run
+    here is refused and changes nothing."""
+    from pipelines.family import LoadSpec
+    from pipelines.omnigen2.session import load_session
+
+    first, second = (load_session(LoadSpec(root=TINY, dtype="bfloat16", device="cpu")) for _ in range(2))
+    pinned = kernels.KernelSet().with_fast_attention("math")
+    first.pipeline.c.transformer.use_kernels(pinned)
+    first.set_kernels("torch")  # the profile again: --fast attention's setting stays
+    assert first.pipeline.c.transformer.kernels == pinned and first.kernels == "torch"
+    assert second.pipeline.c.transformer.kernels == kernels.KernelSet()
+    if triton_norm.available() is not None:
+        with pytest.raises(RuntimeError, match="kernel profile 'triton': "):
+            second.set_kernels("triton:8")
+        assert second.kernels == "torch"
 
 
 def run_cli(*args):

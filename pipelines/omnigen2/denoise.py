@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipelines.omnigen2 import kernels, quirks
+from pipelines.omnigen2 import quirks
 from pipelines.omnigen2.scheduler import euler_step
 from pipelines.omnigen2.transformer import OmniGen2Transformer, TextInput
 
@@ -135,7 +135,7 @@ def denoise(
         float(guidance_scale),
         fast,
         transformer.hooks_epoch,
-        kernels.kernel_profile(),  # a graph holds the kernels it was captured with
+        transformer.kernels,  # a graph holds the kernels it was captured with (--fast attention's too)
     )
     for i in range(len(grid) - 1):
         t, t_next = grid[i], grid[i + 1]

@@ -12,9 +12,15 @@ it sets the order of the float32 sum of squares. So the ``triton`` profile carri
 ``triton`` (16 warps for every width, what the tuner picked for the released model on an H100), ``triton:8``
 (every width) or ``triton:2520=16,2048=4`` (per width, 16 elsewhere). ``parity check`` chooses among them from
 the step-0 previews (``kernel_candidates``).
+
+A choice is a value, ``KernelSet`` (the profile, its warp counts and ``--fast`` attention's SDPA setting), owned by
+the transformer that runs it (``OmniGen2Transformer.use_kernels``) and passed to the kernels here as an argument:
+this module holds no state.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +33,6 @@ KERNEL_PROFILES = {
 # Warp counts ai-toolkit's autotuner tries (1..32), most often picked first (H100, benchmarks/RESULTS.md).
 TRITON_WARPS = (16, 4, 8, 32, 2, 1)
 DEFAULT_TRITON_WARPS = 16
-
-_profile = "torch"
-_triton_warps: dict[int, int] = {}
-_triton_default = DEFAULT_TRITON_WARPS
 
 
 def parse_profile(spec: str) -> tuple[str, dict[int, int], int]:
@@ -66,30 +68,6 @@ def format_profile(name: str, warps: dict[int, int] | None = None, default: int 
     parts = ([] if default == DEFAULT_TRITON_WARPS and warps else [str(default)])
     parts += [f"{w}={n}" for w, n in sorted(warps.items())]
     return "triton:" + ",".join(parts)
-
-
-def set_kernel_profile(spec: str) -> None:
-    """Choose the kernel set for every later forward (see ``KERNEL_PROFILES`` and ``parse_profile``)."""
-    global _profile, _triton_default
-    name, warps, default = parse_profile(spec)
-    if name == "flash":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError("kernel profile 'flash' needs the flash_attn package") from exc
-    if name == "triton":
-        from pipelines.omnigen2 import triton_norm
-
-        triton_norm.require()
-    _profile = name
-    _triton_warps.clear()
-    _triton_warps.update(warps)
-    _triton_default = default
-
-
-def kernel_profile() -> str:
-    """The active profile as a canonical spec (warp counts included)."""
-    return format_profile(_profile, _triton_warps, _triton_default)
 
 
 # How often ai-toolkit's autotuner picks each warp count, roughly (H100 runs in benchmarks/RESULTS.md): orders the
@@ -140,24 +118,105 @@ def kernel_candidates(widths: list[int], budget: int) -> list[str]:
     return list(dict.fromkeys(out))[: max(1, budget)]
 
 
-def describe_profile(spec: str) -> str:
-    name, warps, default = parse_profile(spec)
-    if name != "triton":
-        return KERNEL_PROFILES[name]
-    per = ", ".join(f"width {w}: {n}" for w, n in sorted(warps.items()))
-    return f"Triton RMSNorm for the block norms ({default} warps{'; ' + per if per else ''}), SDPA attention"
+# --fast attention: which SDPA backend ("auto" = PyTorch's own order) and whether SDPA repeats the KV heads itself
+FAST_SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _profile == "triton" and x.is_cuda and not torch.compiler.is_compiling():
+@dataclass(frozen=True)
+class FastAttention:
+    """The SDPA setting of ``--fast`` attention. The default, cuDNN with the KV heads unrepeated (``gqa``), was the
+    fastest measured on an H100 (benchmarks/RESULTS.md); with ``fallback`` PyTorch's own choice with repeated heads
+    runs instead on the CPU or wherever cuDNN attention fails (``AttentionFallback`` remembers that it did)."""
+
+    backend: str = "cudnn"  # one of FAST_SDPA_BACKENDS
+    gqa: bool = True  # pass the KV heads unrepeated (``enable_gqa``) instead of repeating them first
+    fallback: bool = True
+
+    def __post_init__(self):
+        if self.backend not in FAST_SDPA_BACKENDS:
+            raise ValueError(f"unknown SDPA backend {self.backend!r}; choose one of {', '.join(FAST_SDPA_BACKENDS)}")
+
+
+@dataclass
+class AttentionFallback:
+    """Mutable, one per transformer: set once ``--fast`` attention's backend has failed there, so that PyTorch's own
+    choice runs from then on without trying again."""
+
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """One choice of kernels: the profile (``KERNEL_PROFILES``), the ``triton`` profile's warp counts and ``--fast``
+    attention's setting. A value (hashable, compared by content): a transformer runs the one it was given
+    (``OmniGen2Transformer.use_kernels``). ``KernelSet()`` is PyTorch's set; ``KernelSet.parse`` reads a spec.
+
+    ``warps`` holds ``(row width, warp count)`` pairs, sorted, only where the count differs from ``default_warps``;
+    profiles other than ``triton`` have none (the constructor normalises both, so equal choices are equal values)."""
+
+    name: str = "torch"
+    warps: tuple[tuple[int, int], ...] = ()
+    default_warps: int = DEFAULT_TRITON_WARPS
+    fast_attention: FastAttention = field(default_factory=FastAttention)
+
+    def __post_init__(self):
+        if self.name not in KERNEL_PROFILES:
+            raise ValueError(f"unknown kernel profile {self.name!r}; choose one of {', '.join(KERNEL_PROFILES)}")
+        if self.name != "triton":
+            object.__setattr__(self, "default_warps", DEFAULT_TRITON_WARPS)
+        pairs = dict(self.warps).items() if self.name == "triton" else ()
+        object.__setattr__(self, "warps", tuple(sorted((int(w), int(n)) for w, n in pairs if n != self.default_warps)))
+
+    @classmethod
+    def parse(cls, spec: str, fast_attention: FastAttention | None = None) -> KernelSet:
+        """The set a spec names (``parse_profile``'s syntax; ValueError with the problem in words). RuntimeError when
+        its kernels cannot run here: ``flash`` without the flash_attn package, ``triton`` without Triton or CUDA."""
+        name, warps, default = parse_profile(spec)
+        if name == "flash":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError as exc:
+                raise RuntimeError("kernel profile 'flash' needs the flash_attn package") from exc
+        if name == "triton":
+            from pipelines.omnigen2 import triton_norm
+
+            triton_norm.require()
+        return cls(name, tuple(warps.items()), default, fast_attention or FastAttention())
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec (warp counts included; ``--fast`` attention is not part of it)."""
+        return format_profile(self.name, dict(self.warps), self.default_warps)
+
+    def describe(self) -> str:
+        if self.name != "triton":
+            return KERNEL_PROFILES[self.name]
+        per = ", ".join(f"width {w}: {n}" for w, n in self.warps)
+        return f"Triton RMSNorm for the block norms ({self.default_warps} warps{'; ' + per if per else ''}), SDPA attention"
+
+    def warps_for(self, width: int) -> int:
+        """The Triton RMSNorm's warp count for rows of ``width``."""
+        for w, n in self.warps:
+            if w == width:
+                return n
+        return self.default_warps
+
+    def with_fast_attention(self, backend: str = "auto", gqa: bool = False) -> KernelSet:
+        """This set with ``--fast`` attention pinned to ``backend`` (``FAST_SDPA_BACKENDS``; no fallback) and ``gqa``
+        (pass the KV heads unrepeated)."""
+        return replace(self, fast_attention=FastAttention(backend, bool(gqa), fallback=False))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kset: KernelSet) -> torch.Tensor:
+    if kset.name == "triton" and x.is_cuda and not torch.compiler.is_compiling():
         from pipelines.omnigen2 import triton_norm
 
-        return triton_norm.rms_norm(x, weight, eps, _triton_warps.get(x.shape[-1], _triton_default))
+        return triton_norm.rms_norm(x, weight, eps, kset.warps_for(x.shape[-1]))
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def swiglu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if _profile == "flash":
+def swiglu(x: torch.Tensor, y: torch.Tensor, kset: KernelSet) -> torch.Tensor:
+    if kset.name == "flash":
         from flash_attn.ops.activations import swiglu as fused
 
         return fused(x, y)
@@ -165,11 +224,12 @@ def swiglu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.silu(x.float()).to(x.dtype) * y
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
+              kset: KernelSet) -> torch.Tensor:
     """``q`` ``[B, S, H, D]``, ``k``/``v`` ``[B, S, KV, D]``, ``key_mask`` ``[B, S]`` bool -> ``[B, S, H, D]``."""
     batch, seq, heads, dim = q.shape
     repeat = heads // k.shape[2]
-    if _profile == "flash":
+    if kset.name == "flash":
         return _flash_varlen(q, k, v, key_mask, scale, repeat)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     # KV heads are repeated explicitly (not enable_gqa): SDPA's GQA path picks another kernel.
@@ -177,25 +237,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     v = v.repeat_interleave(repeat, -3)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask.view(batch, 1, 1, seq), scale=scale)
     return out.transpose(1, 2)
-
-
-# --fast attention: which SDPA backend ("auto" = PyTorch's own order) and whether SDPA repeats the KV heads itself
-FAST_SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-# Default: cuDNN with unrepeated KV heads on CUDA (fastest measured on an H100, benchmarks/RESULTS.md); PyTorch's own
-# choice with repeated heads on the CPU or wherever cuDNN attention is unavailable.
-_fast_attention = {"backend": "cudnn", "gqa": True, "fallback": True}
-
-
-def set_fast_attention(backend: str = "auto", gqa: bool = False) -> None:
-    """Choose the SDPA backend of ``--fast`` attention (see ``FAST_SDPA_BACKENDS``); ``gqa``: pass the KV heads
-    unrepeated (``enable_gqa``) instead of repeating them first."""
-    if backend not in FAST_SDPA_BACKENDS:
-        raise ValueError(f"unknown SDPA backend {backend!r}; choose one of {', '.join(FAST_SDPA_BACKENDS)}")
-    _fast_attention.update(backend=backend, gqa=bool(gqa), fallback=False)
-
-
-def fast_attention_setting() -> dict:
-    return dict(_fast_attention)
 
 
 def _sdpa_context(backend: str):
@@ -210,20 +251,23 @@ def _sdpa_context(backend: str):
     return sdpa_kernel([getattr(SDPBackend, names[backend])])
 
 
-def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts, scale: float) -> torch.Tensor:
+def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts, scale: float, kset: KernelSet,
+                   state: AttentionFallback) -> torch.Tensor:
     """``--fast`` attention: SDPA with no mask and, by default, cuDNN's kernel with the KV heads unrepeated
-    (``set_fast_attention``). ``starts`` is None when nothing is padded, else each sample's first valid token
+    (``kset.fast_attention``). ``starts`` is None when nothing is padded, else each sample's first valid token
     (sequences are left-padded): each sample then attends over its own valid slice, still maskless. Padded rows
-    come back as zeros. Shapes as :func:`attention`."""
-    backend, gqa = _fast_attention["backend"], _fast_attention["gqa"]
-    if _fast_attention["fallback"] and (not q.is_cuda or _fast_attention.get("failed")):
+    come back as zeros. Shapes as :func:`attention`. ``state`` is the transformer's record of a failed backend
+    (written here)."""
+    setting = kset.fast_attention
+    backend, gqa = setting.backend, setting.gqa
+    if setting.fallback and (not q.is_cuda or state.failed):
         backend, gqa = "auto", False
     try:
         return _attention_fast(q, k, v, starts, scale, backend, gqa)
     except RuntimeError:
-        if not _fast_attention["fallback"] or backend == "auto":
+        if not setting.fallback or backend == "auto":
             raise
-        _fast_attention["failed"] = True  # no cuDNN attention here: PyTorch's own choice from now on
+        state.failed = True  # no cuDNN attention here: PyTorch's own choice from now on
         return _attention_fast(q, k, v, starts, scale, "auto", False)
 
 

@@ -39,7 +39,7 @@ class OmniGen2Session:
         self.spec = spec
         first, self.kernel_reason = first_kernels(spec)
         self.kernel_search_open = spec.kernels == "auto" and first != "torch"  # several sets worth trying
-        self.set_kernels(first)
+        first_set = kernels.KernelSet.parse(first)  # refused before the load when its kernels cannot run here
         dtype = getattr(torch, spec.dtype)
         components = load_components(spec.root, dtype, spec.device)
         if spec.quantize_te:
@@ -51,6 +51,7 @@ class OmniGen2Session:
         self.pipeline = OmniGen2Pipeline(components, fast=spec.fast, cuda_graphs=graphs)
         compile_fast = spec.compile if spec.compile is not None else on_cuda
         components.transformer.compile_fast = bool(spec.fast and compile_fast)
+        components.transformer.use_kernels(first_set)
         self.patcher = LoraPatcher(components.transformer)
         self.weights = WeightManager(self.patcher, self.read_lora)
         self.fingerprint = model_fingerprint(Path(spec.root))
@@ -61,10 +62,13 @@ class OmniGen2Session:
     # -- seam ------------------------------------------------------------------------------------------------
     @property
     def kernels(self) -> str:
-        return kernels.kernel_profile()
+        """The canonical spec of the transformer's kernel set."""
+        return self.pipeline.c.transformer.kernels.spec
 
     def set_kernels(self, spec: str) -> None:
-        kernels.set_kernel_profile(spec)
+        """Install the kernel set ``spec`` names on the transformer (its ``--fast`` attention setting kept)."""
+        transformer = self.pipeline.c.transformer
+        transformer.use_kernels(kernels.KernelSet.parse(spec, transformer.kernels.fast_attention))
 
     @property
     def fast(self) -> bool:

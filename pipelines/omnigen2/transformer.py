@@ -102,9 +102,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = kernels.KernelSet()  # set by OmniGen2Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 class HeadRMSNorm(nn.Module):
@@ -139,6 +140,7 @@ class Attention(nn.Module):
         self.norm_k = HeadRMSNorm(self.head_dim, eps=1e-5)
         # ``to_out.0`` in the checkpoint: index 1 was a dropout with no weights.
         self.to_out = nn.ModuleList([nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)])
+        self.kernels = kernels.KernelSet()  # set by OmniGen2Transformer.use_kernels
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -147,7 +149,7 @@ class Attention(nn.Module):
         v = self.to_v(x).view(batch, seq, self.kv_heads, self.head_dim)
         q = apply_rotation(q, rotations)
         k = apply_rotation(k, rotations)
-        out = kernels.attention(q, k, v, key_mask, self.scale)
+        out = kernels.attention(q, k, v, key_mask, self.scale, self.kernels)
         return self.to_out[0](out.reshape(batch, seq, self.heads * self.head_dim).type_as(q))
 
 
@@ -159,9 +161,10 @@ class FeedForward(nn.Module):
         self.linear_1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
         self.linear_2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
         self.linear_3 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.kernels = kernels.KernelSet()  # set by OmniGen2Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(kernels.swiglu(self.linear_1(x), self.linear_3(x)))
+        return self.linear_2(kernels.swiglu(self.linear_1(x), self.linear_3(x), self.kernels))
 
 
 class ModulatedNorm(nn.Module):
@@ -283,7 +286,8 @@ class OmniGen2Transformer(nn.Module):
 
     The denoising loop uses the stages separately (``prepare_text`` once per prompt, ``guided_velocities`` per
     step): the same kernels on the same inputs as ``forward``, without recomputing what does not change and
-    without host syncs. ``batched_velocities`` is the ``--fast`` path (one batch for every text).
+    without host syncs. ``batched_velocities`` is the ``--fast`` path (one batch for every text). The kernels it
+    runs are a ``kernels.KernelSet`` it holds (PyTorch's until ``use_kernels`` says otherwise).
     """
 
     def __init__(self, cfg: OmniGen2Config):
@@ -311,6 +315,19 @@ class OmniGen2Transformer(nn.Module):
         self.concurrent_texts = True
         self._side_stream = None
         self.hooks_epoch = 0  # bumped by LoraPatcher when forward hooks change (CUDA graphs are then stale)
+        self.kernels = kernels.KernelSet()  # the kernels every forward runs (use_kernels)
+        self.attention_fallback = kernels.AttentionFallback()  # --fast attention's failed backend, once it fails
+        self.use_kernels(self.kernels)
+
+    def use_kernels(self, kset: kernels.KernelSet) -> None:
+        """Run every later forward with ``kset``: the block norms, attention and feed-forwards get it, a plain
+        attribute each (torch.compile guards on it). A new ``--fast`` attention setting tries its backend afresh."""
+        if kset.fast_attention != self.kernels.fast_attention:
+            self.attention_fallback = kernels.AttentionFallback()
+        self.kernels = kset
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, FeedForward)):
+                module.kernels = kset
 
     def rotation_tables(self) -> list[torch.Tensor]:
         """The complex128 frequency tables, built once (on the CPU, like OmniGen2) and cached."""
@@ -482,7 +499,7 @@ class OmniGen2Transformer(nn.Module):
         pre, post = self.fast_functions()
         for block in blocks:
             q, k, v, gate_msa, scale_mlp, gate_mlp = pre(block, x, temb, cos, sin)
-            attn = kernels.attention_fast(q, k, v, starts, block.attn.scale)
+            attn = kernels.attention_fast(q, k, v, starts, block.attn.scale, self.kernels, self.attention_fallback)
             x = post(block, x, attn, gate_msa, scale_mlp, gate_mlp)
         return x
 
