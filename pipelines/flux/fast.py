@@ -5,18 +5,21 @@ ai-toolkit does. :class:`FastForward` runs the same blocks with:
 
 - every text of a step in one batch (true CFG: prompt and negative in one batch-2 forward);
 - fused projections: each attention's q, k, v (and in a single block also ``proj_mlp``, which reads the same
-  input) as one GEMM on concatenated weights (FLUX's original ``linear1`` layout). The fused copies are rebuilt
-  whenever a LoRA merge changes the weights (tensor version counters), and not used at all while forward hooks
-  are attached (an unmerged LoRA hooks ``to_q``/``to_k``/``to_v``: the fused GEMM would bypass them);
+  input) as one GEMM (FLUX's original ``linear1`` layout). On first use their weights move into one tensor per
+  group and each module keeps a view of its rows (:func:`fuse_in_place`): no memory added, a LoRA merged or
+  merged out later is in the fused GEMM at once, and calling a module computes exactly what it did. Not used
+  while forward hooks are attached (an unmerged LoRA hooks ``to_q``/``to_k``/``to_v``: the fused GEMM would
+  bypass them);
 - the single blocks run on one joint ``[text | image]`` sequence instead of concatenating and splitting it in
   every block, and the rotary tables are computed once per replay instead of once per step;
 - on CUDA, each block type compiled with ``torch.compile`` (one graph serves every block of a type: parameters
   are inputs). Not while hooks are attached (dynamo does not guard on module hooks by default, so a graph traced
   without them would silently keep running without them) and not on a quantised transformer.
 
-Only ``FastForward`` is new; nothing here touches the modules, so switching ``fast`` off gives the exact replay
-bit for bit. With every part off (:data:`EXACT_PARTS`) it computes what diffusers' forward computes, bit for bit
-(``tests/test_flux_fast.py``), so each part's drift is its own.
+The modules keep their names and values (the fused views included), so switching ``fast`` off gives the exact
+replay bit for bit; :meth:`FastForward.unfuse` gives each module its own tensors back. With every part off
+(:data:`EXACT_PARTS`) it computes what diffusers' forward computes, bit for bit (``tests/test_flux_fast.py``), so
+each part's drift is its own.
 """
 
 from __future__ import annotations
@@ -142,6 +145,51 @@ def single_block(block, fused, joint, temb, cos, sin):
     return joint
 
 
+def _alignment(device: torch.device) -> int:
+    """Byte alignment every row block of a fused tensor keeps: what a fresh allocation gives the kernels that
+    read it (cuBLAS picks its kernels by pointer alignment up to 256 bytes; 64 on a CPU)."""
+    return 256 if device.type == "cuda" else 64
+
+
+@torch.no_grad()
+def fuse_in_place(modules: tuple[nn.Linear, ...]):
+    """Move the weights (and biases) of Linears that read the same input into one contiguous tensor each and give
+    every module a view of its rows: the same values in the same shapes, so calling a module computes what it
+    computed before (the exact replay keeps its bits: tests/test_flux_fast.py), and ``F.linear`` on the whole
+    tensor computes all of them in one GEMM. Returns (weight, bias, sizes), or None where it cannot be done
+    without changing a module: mixed biases, other dtypes or devices, or a row block that would start at a less
+    aligned address than a fresh tensor."""
+    weights = [m.weight for m in modules]
+    biases = [m.bias for m in modules]
+    if len({b is None for b in biases}) > 1 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) > 1:
+        return None
+    align = _alignment(weights[0].device)
+    rows = [w.shape[0] for w in weights]
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+    size = weights[0].element_size()
+    if any(o * weights[0].shape[1] * size % align or (biases[0] is not None and o * size % align) for o in offsets):
+        return None
+    weight = torch.cat(weights)
+    bias = torch.cat(biases) if biases[0] is not None else None
+    for module, start, n in zip(modules, offsets, rows, strict=True):
+        module.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+    return weight, bias, rows
+
+
+def still_fused(modules, weight, bias, sizes) -> bool:
+    """Whether every module still reads its rows of ``weight``/``bias`` (nothing replaced its tensors since)."""
+    start = 0
+    for module, n in zip(modules, sizes, strict=True):
+        if module.weight.data_ptr() != weight[start].data_ptr() or module.weight.shape[0] != n:
+            return False
+        if bias is not None and module.bias.data_ptr() != bias[start].data_ptr():
+            return False
+        start += n
+    return True
+
+
 @dataclass
 class Prepared:
     """One replay's ``--fast`` forward: block functions, fused weights per block (None: unfused) and rotary."""
@@ -159,13 +207,13 @@ class Prepared:
 class FastForward:
     """The ``--fast`` transformer forward over one or several texts sharing the latents (see the module doc).
 
-    :meth:`prepare` once per replay (after the weights are set), then :meth:`velocities` every step. Fused weight
-    copies are kept per module (rebuilt when the weights change); compiled block functions are made once per
-    compile setting. Not thread-safe, like the session that owns it.
+    :meth:`prepare` once per replay (after the weights are set), then :meth:`velocities` every step. Groups of
+    projections are fused in place on first use (kept until :meth:`unfuse`); compiled block functions are made
+    once per compile setting. Not thread-safe, like the session that owns it.
     """
 
     def __init__(self):
-        self._fused: dict[nn.Module, tuple] = {}  # first module -> (versions, (weight, bias, sizes))
+        self._fused: dict[nn.Module, tuple] = {}  # first module of a group -> (group, (weight, bias, sizes))
         self._compiled: dict[tuple, tuple] = {}
 
     def block_functions(self, parts: FastParts, compiled: bool):
@@ -185,22 +233,26 @@ class FastForward:
 
     @torch.no_grad()
     def fused(self, modules: tuple[nn.Linear, ...]):
-        """The concatenated (weight, bias, sizes) of ``modules``, rebuilt when any of their tensors changed in
-        place since (a LoRA merged or merged out, the base restored: each bumps the tensor's version)."""
-        if len({m.bias is None for m in modules}) > 1:
-            return None
-        tensors = [t for m in modules for t in (m.weight, m.bias) if t is not None]
-        versions = tuple((t._version, t.data_ptr()) for t in tensors)
-        cached = self._fused.get(modules[0])
-        if cached is None or cached[0] != versions:
-            weight = torch.cat([m.weight for m in modules])
-            bias = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
-            cached = (versions, (weight, bias, [m.out_features for m in modules]))
-            self._fused[modules[0]] = cached
-        return cached[1]
+        """``modules``' weights and biases as one (weight, bias, sizes): on first use their tensors are moved into
+        one contiguous tensor each, every module keeping a view of its rows (:func:`fuse_in_place`), so a LoRA
+        merged into a module later is in the fused GEMM too, and no memory is added. None where they cannot be
+        fused."""
+        entry = self._fused.get(modules[0])
+        if entry is None or entry[0] != modules or not still_fused(modules, *entry[1]):
+            fused = fuse_in_place(modules)
+            if fused is None:
+                return None
+            entry = self._fused[modules[0]] = (modules, fused)
+        return entry[1]
 
-    def release(self) -> None:
-        """Drop the fused copies (their memory: about a fifth of the transformer's)."""
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Give every fused module its own weight and bias tensors again (copies of its rows)."""
+        for modules, _ in self._fused.values():
+            for module in modules:
+                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+                if module.bias is not None:
+                    module.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self._fused.clear()
 
     @torch.no_grad()
