@@ -200,7 +200,7 @@ class Prepared:
     fused_double: list  # per double block: (image q/k/v, text q/k/v) fused, or (None, None)
     fused_single: list  # per single block: q/k/v/proj_mlp fused, or None
     rotary: tuple[torch.Tensor, torch.Tensor]
-    fused: bool
+    fused: bool  # every projection group fused
     compiled: bool
 
 
@@ -215,6 +215,7 @@ class FastForward:
     def __init__(self):
         self._fused: dict[nn.Module, tuple] = {}  # first module of a group -> (group, (weight, bias, sizes))
         self._compiled: dict[tuple, tuple] = {}
+        self.last: Prepared | None = None  # the latest replay's (what ran: fused, compiled)
 
     def block_functions(self, parts: FastParts, compiled: bool):
         """(double, single) block functions: ``torch.compile``d when ``compiled``."""
@@ -272,7 +273,10 @@ class FastForward:
             a = block.attn
             fused_single.append(self.fused((a.to_q, a.to_k, a.to_v, block.proj_mlp)) if fuse else None)
         rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-        return Prepared(transformer, double, single, fused_double, fused_single, rotary, fuse, compiled)
+        fuse = fuse and all(f is not None for pair in fused_double for f in pair) and all(
+            f is not None for f in fused_single)
+        self.last = Prepared(transformer, double, single, fused_double, fused_single, rotary, fuse, compiled)
+        return self.last
 
     @torch.no_grad()
     def velocities(self, p: Prepared, latents, timestep, guidance, pooled, embeds):
