@@ -73,7 +73,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether any Linear is a subclass (quanto's QLinear): no fused copies, no compile."""
+    """Whether any Linear is a subclass (quanto's QLinear): then no fused projections and no compile."""
     return any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in module.modules())
 
 
