@@ -2,6 +2,7 @@
 
     python benchmarks/flux_gpu.py --aitk .aitk_flux --out /tmp/flux_gpu [--profile]
     python benchmarks/flux_gpu.py --out /tmp/flux_smoke --smoke          # any device, tiny shapes: tests the script
+    python benchmarks/flux_gpu.py --out /tmp/flux_fast --skip tiny,full --fast   # (c) only: --fast vs exact
 
 ai-toolkit's FLUX.1 sampling path (toolkit/stable_diffusion_model.py ``generate_images``, plain ``FluxPipeline``
 branch) is rebuilt here from diffusers' own ``FluxPipeline``, driven as ai-toolkit drives it: a fresh
@@ -26,6 +27,14 @@ transformer's dtype; PIL output. The pipeline shares our session's modules, so b
     the VAE decode), the FLOP floor (``FlopCounterMode`` over one forward x steps + the decode, over the measured
     bf16 GEMM rate and over the nominal 790 TFLOP/s) and whether the two images are pixel identical.
 
+(c) ``--fast``: the same full-size model timed in exact mode and with ``--fast`` (``pipelines/flux/fast.py``), plain
+    FLUX.1 (guidance embedding, one pass per step) and true CFG (``use_flux_cfg``: prompt and negative, batched by
+    --fast): seconds per image (the first fast image, which compiles, timed apart), peak memory, the pixels of the
+    two modes compared (SSIM, max and mean abs diff), whether exact mode gives the same image after fast ran (the
+    fused projections are views of the exact path's weights); an ablation (each --fast part switched off alone,
+    true CFG) and T5-XXL's encoding (a random encoder of the real shape, 512 tokens) with eager attention (exact)
+    and SDPA (--fast).
+
 ``--aitk`` is a folder holding ai-toolkit's ``toolkit/`` package (a checkout, or the few files copied into an
 ignored folder: ``toolkit/__init__.py``, ``sampler.py``, ``train_tools.py``, ``samplers/{custom_flowmatch_sampler,
 mean_flow_scheduler,custom_lcm_scheduler}.py``, ``timestep_weighing/``); default ``$AI_TOOLKIT_PATH``. Without it the
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -56,6 +66,7 @@ if str(REPO) not in sys.path:
 
 from pipelines.family import LoadSpec, RenderRequest, WeightState  # noqa: E402
 from pipelines.flux.family import FLUX1_DEV_CONFIG  # noqa: E402
+from pipelines.flux.fast import FastParts, t5_attention  # noqa: E402
 from pipelines.flux.loading import Components, load_tokenizers, quiet_libraries  # noqa: E402
 from pipelines.flux.session import FluxSession, load_session  # noqa: E402
 
@@ -69,6 +80,10 @@ JOB_SOURCES = {"flux_basic": "in_memory", "flux_odd": "checkpoint"}
 ORACLE_NOISE = "torch2.13-avx2"  # the draw that made the CPU ground truth (torch 2.13 on an AVX2 CPU)
 NOMINAL_TFLOPS = 790.0  # dense bf16 GEMM rate of an H200/H100 as measured here (RESULTS.md, KINDS.md)
 PROMPT = "full-size benchmark prompt"
+NEGATIVE = "blurry, low quality"  # (c)'s true-CFG negative prompt
+# T5-XXL (google/t5-v1_1-xxl, FLUX.1's text_encoder_2) for (c)'s encoding times; --smoke: a small one
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+T5_SMOKE = dict(vocab_size=403, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 # toolkit/sampler.py flux_config: the stand-in scheduler's settings when ai-toolkit's code is not given
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
@@ -373,7 +388,8 @@ def build_vae(device: torch.device, dtype: torch.dtype, seed: int, smoke: bool):
 
 def build_encoders(text_dim: int, pooled_dim: int, device: torch.device, dtype: torch.dtype, seed: int):
     """Small random CLIP and T5 encoders whose outputs have the real shapes ((1, 512, text_dim) and (1, pooled_dim))
-    for the tiny oracle's tokenizers (vocabularies 935 and 403; CLIP's legacy eos id 2 as in FLUX.1-dev)."""
+    for the tiny oracle's tokenizers (vocabularies 935 and 403; CLIP's legacy eos id 2 as in FLUX.1-dev), with the
+    attention implementations ``loading.py`` gives them (CLIP SDPA, T5 eager)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -381,10 +397,10 @@ def build_encoders(text_dim: int, pooled_dim: int, device: torch.device, dtype: 
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=935, hidden_size=pooled_dim, intermediate_size=4 * pooled_dim,
                                         num_hidden_layers=1, num_attention_heads=heads, max_position_embeddings=77,
                                         bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=pooled_dim,
-                                        hidden_act="quick_gelu"))
+                                        hidden_act="quick_gelu", attn_implementation="sdpa"))
     t5 = T5EncoderModel(T5Config(vocab_size=403, d_model=text_dim, d_kv=64, d_ff=1024, num_layers=1, num_heads=4,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                                 pad_token_id=0, eos_token_id=1))
+                                 pad_token_id=0, eos_token_id=1, attn_implementation="eager"))
     return (clip.to(device, dtype=dtype).eval().requires_grad_(False),
             t5.to(device, dtype=dtype).eval().requires_grad_(False))
 
@@ -487,11 +503,11 @@ def profile_image(fn, device: torch.device, path: Path) -> dict:
             "sync_like_calls": int(syncs), "memcpy_calls": int(copies)}
 
 
-def run_full(args, device: torch.device, aitk: AitkSampling, images: dict, out: Path) -> dict:
+def run_full(args, device: torch.device, aitk: AitkSampling, images: dict, out: Path, built) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype = torch.bfloat16
-    session, info = full_session(args, device, dtype)
+    session, info = built[0], dict(built[1])
     size, steps = args.size, args.steps
     request = RenderRequest(prompt=PROMPT, negative_prompt="", seed=0, width=size, height=size,
                             num_inference_steps=steps, guidance_scale=args.guidance, noise_algorithm="native")
@@ -575,6 +591,181 @@ def run_full(args, device: torch.device, aitk: AitkSampling, images: dict, out: 
     return result
 
 
+# --------------------------------------------------------------------------------------------- (c) --fast
+
+
+def pixel_drift(exact: np.ndarray, fast: np.ndarray) -> dict:
+    """--fast against exact mode, as the report's fast-drift section measures it."""
+    from parity.scores import compute_metrics
+
+    metrics = compute_metrics(exact, fast)[0]
+    return {"identical": bool(np.array_equal(exact, fast)), "ssim": round(float(metrics.ssim), 5),
+            "max_abs_diff": int(metrics.max_abs_diff), "mean_abs_diff": round(float(metrics.mean_abs_diff), 4)}
+
+
+class ImageTimer:
+    """One image at a time: seconds (synchronised), the peak memory over the image, the pixels."""
+
+    def __init__(self, session: FluxSession, device: torch.device):
+        self.session, self.device = session, device
+
+    def __call__(self, request: RenderRequest, fast: bool, parts: FastParts | None = None) -> tuple[float, float, np.ndarray]:
+        session = self.session
+        session.fast = fast
+        if parts is not None:
+            session.pipeline.fast_parts = parts
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        sync(self.device)
+        start = time.perf_counter()
+        pixels = session.render(request).wait()
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) / GIB if self.device.type == "cuda" else 0.0
+        return seconds, peak, pixels
+
+
+def fast_requests(args) -> dict[str, RenderRequest]:
+    """(c)'s two previews: plain FLUX.1 (the guidance embedding) and true CFG (prompt and negative every step)."""
+    plain = RenderRequest(prompt=PROMPT, negative_prompt="", seed=0, width=args.size, height=args.size,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance, noise_algorithm="native")
+    true_cfg = RenderRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=0, width=args.size, height=args.size,
+                             num_inference_steps=args.steps, guidance_scale=args.cfg, noise_algorithm="native",
+                             options=(("true_cfg", True),))
+    return {"plain": plain, "true_cfg": true_cfg}
+
+
+def run_fast(args, device: torch.device, images: dict, built, save) -> dict:
+    """(c): exact mode against --fast on the full-size model (``save(result)`` after each part: a run cut short
+    still leaves what it measured)."""
+    session, info = built
+    compile_ = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
+    parts = FastParts(compile=compile_, compile_backend=args.compile_backend, compile_mode=args.compile_mode)
+    result: dict = {"parts": vars(parts), "build_s": info["build_s"], "weights_gib": info["weights_gib"]}
+    timer = ImageTimer(session, device)
+    requests = fast_requests(args)
+    # exact mode before anything ran fast: the reference for "exact mode is unchanged after --fast"
+    _, _, exact_before = timer(requests["plain"], fast=False)
+    for kind, request in requests.items():
+        row: dict = {}
+        seconds, _, _ = timer(request, fast=False)
+        row["exact_warmup_s"] = round(seconds, 3)
+        seconds, peak, first_fast = timer(request, fast=True, parts=parts)
+        # compiles the blocks for this shape (with compile on) and encodes the prompts with SDPA T5
+        row["fast_first_image_s"] = round(seconds, 3)
+        ran = session.pipeline.fast_forward.last
+        row["fast_ran"] = {"fused_projections": ran.fused, "compiled": ran.compiled}
+        print(f"  {kind}: exact warm-up {row['exact_warmup_s']:.3f} s, first fast image (compile) "
+              f"{row['fast_first_image_s']:.3f} s", flush=True)
+        times: dict[str, list[float]] = {"exact": [], "fast": []}
+        peaks = {"exact": 0.0, "fast": peak}
+        pixels: dict[str, list[np.ndarray]] = {"exact": [], "fast": [first_fast]}
+        for i in range(args.fast_repeats):  # interleaved, so drift of the card's clocks hits both alike
+            for mode in ("exact", "fast"):
+                seconds, peak, px = timer(request, fast=mode == "fast", parts=parts)
+                times[mode].append(seconds)
+                peaks[mode] = max(peaks[mode], peak)
+                pixels[mode].append(px)
+                print(f"  {kind} repeat {i + 1} {mode}: {seconds:.3f} s", flush=True)
+        for mode in ("exact", "fast"):
+            row[mode] = {"seconds_per_image": round(float(np.mean(times[mode])), 4),
+                         "each": [round(t, 4) for t in times[mode]],
+                         "peak_allocated_gib": round(peaks[mode], 3) if device.type == "cuda" else None,
+                         "repeats_identical": all(np.array_equal(p, pixels[mode][0]) for p in pixels[mode])}
+        row["compile_warmup_s"] = round(row["fast_first_image_s"] - row["fast"]["seconds_per_image"], 3)
+        row["speedup"] = round(row["exact"]["seconds_per_image"] / row["fast"]["seconds_per_image"], 4)
+        row["fast_vs_exact"] = pixel_drift(pixels["exact"][-1], pixels["fast"][-1])
+        images[f"fast/{kind}/exact"] = pixels["exact"][-1]
+        images[f"fast/{kind}/fast"] = pixels["fast"][-1]
+        result[kind] = row
+        save(result)
+    if args.fast_ablation:
+        result["ablation"] = run_ablation(args, timer, requests["true_cfg"], parts, result["true_cfg"], save, result)
+    _, _, exact_after = timer(requests["plain"], fast=False)
+    result["exact_unchanged_after_fast"] = compare(exact_before, exact_after)
+    session.fast = False
+    save(result)
+    result["t5"] = t5_encoding(args, device, session)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the T5 is gone with t5_encoding's frame
+    save(result)
+    return result
+
+
+def run_ablation(args, timer: ImageTimer, request: RenderRequest, parts: FastParts, full: dict, save,
+                 result: dict) -> dict:
+    """True CFG with each --fast part switched off alone (one warm-up image each: a new compile where the blocks'
+    inputs change), against all of them on (``full``)."""
+    variants = {"no_batch_cfg": dataclasses.replace(parts, batch_cfg=False),
+                "no_fuse": dataclasses.replace(parts, fuse=False),
+                "no_compile": dataclasses.replace(parts, compile=False)}
+    if not parts.compile:
+        del variants["no_compile"]
+    out: dict = {}
+    for name, variant in variants.items():
+        warm, _, _ = timer(request, fast=True, parts=variant)
+        times = [timer(request, fast=True, parts=variant)[0] for _ in range(args.ablation_repeats)]
+        mean = float(np.mean(times))
+        out[name] = {"warmup_s": round(warm, 3), "seconds_per_image": round(mean, 4),
+                     "over_all_parts": round(mean / full["fast"]["seconds_per_image"], 4)}
+        print(f"  ablation {name}: {mean:.3f} s/image ({out[name]['over_all_parts']}x all parts on; warm-up "
+              f"{warm:.3f} s)", flush=True)
+        result["ablation"] = out
+        save(result)
+    timer.session.pipeline.fast_parts = parts
+    return out
+
+
+def build_t5(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    """A random T5 encoder of ``config`` (gated-gelu, 32 relative-position buckets, eager attention, as loaded)."""
+    from transformers import T5Config, T5EncoderModel
+
+    t5_config = T5Config(**config, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                         pad_token_id=0, eos_token_id=1, attn_implementation="eager")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = T5EncoderModel(t5_config)
+    finally:
+        torch.set_default_dtype(old)
+    model.to_empty(device=device)
+    randomise_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def t5_encoding(args, device: torch.device, session: FluxSession) -> dict:
+    """One 512-token prompt through a random T5-XXL-shaped encoder: eager attention (exact) against SDPA
+    (--fast), seconds per encoding and how far the embeddings move."""
+    from pipelines.flux import quirks
+
+    config = T5_SMOKE if args.smoke else T5_XXL
+    start = time.perf_counter()
+    t5 = build_t5(config, device, torch.bfloat16, seed=4)
+    build_s = time.perf_counter() - start
+    tokenizer = session.c.tokenizer_2
+
+    def encode():
+        return quirks.encode_t5(tokenizer, t5, PROMPT)
+
+    out: dict = {"config": config, "parameters": sum(p.numel() for p in t5.parameters()), "build_s": round(build_s, 2)}
+    embeds = {}
+    for name in ("eager", "sdpa"):
+        with t5_attention(t5, name):
+            embeds[name] = encode()
+            out[f"{name}_s"] = round(event_time(encode, device, repeats=args.fwd_repeats, warmup=1), 5)
+    a, b = embeds["eager"].float(), embeds["sdpa"].float()
+    out["finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+    out["values_changed"] = f"{int((a != b).sum())}/{a.numel()}"
+    out["max_abs_diff"] = float((a - b).abs().max())
+    out["max_abs_value"] = float(a.abs().max())
+    out["speedup"] = round(out["eager_s"] / out["sdpa_s"], 4) if out["sdpa_s"] else None
+    print(f"  T5 {config['d_model']}x{config['num_layers']}: eager {out['eager_s']} s, sdpa {out['sdpa_s']} s per "
+          f"prompt; {out['values_changed']} values changed, max {out['max_abs_diff']:.4g}", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -609,6 +800,29 @@ def summary(report: dict) -> str:
                      f"{full['velocity_finite']}")
         if "profile" in full:
             lines.append(f"  profile: {full['profile']}")
+    fast = report.get("fast")
+    if fast:
+        lines.append(f"(c) --fast vs exact, {report['args']['size']}px, {report['args']['steps']} steps, parts "
+                     f"{fast['parts']}")
+        for kind in ("plain", "true_cfg"):
+            if kind not in fast:
+                continue
+            r = fast[kind]
+            lines.append(f"  {kind:8s}: {r['fast_ran']}; exact {r['exact']['seconds_per_image']:.3f} s/image, fast "
+                         f"{r['fast']['seconds_per_image']:.3f} s/image ({r['speedup']}x), compile warm-up "
+                         f"{r['compile_warmup_s']} s; peak exact {r['exact']['peak_allocated_gib']} GiB, fast "
+                         f"{r['fast']['peak_allocated_gib']} GiB; fast vs exact {r['fast_vs_exact']}; repeats "
+                         f"identical exact {r['exact']['repeats_identical']} fast {r['fast']['repeats_identical']}")
+        for name, r in fast.get("ablation", {}).items():
+            lines.append(f"  ablation {name}: {r['seconds_per_image']:.3f} s/image ({r['over_all_parts']}x all "
+                         f"parts on)")
+        if "exact_unchanged_after_fast" in fast:
+            lines.append(f"  exact mode after --fast ran: {_fmt(fast['exact_unchanged_after_fast'])}")
+        if "t5" in fast:
+            t5 = fast["t5"]
+            lines.append(f"  T5 ({t5['parameters'] / 1e9:.2f}B): eager {t5['eager_s']} s, SDPA {t5['sdpa_s']} s per "
+                         f"prompt ({t5['speedup']}x); {t5['values_changed']} values changed, max "
+                         f"{t5['max_abs_diff']:.4g} of {t5['max_abs_value']:.4g}")
     return "\n".join(lines)
 
 
@@ -628,11 +842,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fwd-repeats", type=int, default=None, help="timed forwards for the breakdown (default 10)")
     ap.add_argument("--tiny-limit", type=int, default=None, help="previews per oracle job (default all; smoke 2)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one full-size image of each")
+    ap.add_argument("--fast", action="store_true", help="(c): --fast against exact mode on the full-size model")
+    ap.add_argument("--cfg", type=float, default=3.5, help="(c): the true-CFG preview's guidance scale")
+    ap.add_argument("--fast-repeats", type=int, default=None, help="(c): timed images per mode (default 2; smoke 1)")
+    ap.add_argument("--no-fast-ablation", dest="fast_ablation", action="store_false",
+                    help="(c): skip timing each --fast part switched off alone")
+    ap.add_argument("--ablation-repeats", type=int, default=1, help="(c): timed images per ablation variant")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="(c): torch.compile the blocks (auto: on CUDA, as parity check --fast does)")
+    ap.add_argument("--compile-backend", default="inductor", help="(c): torch.compile backend ('eager': tracing only)")
+    ap.add_argument("--compile-mode", default=None, help="(c): torch.compile mode (default: its default)")
     args = ap.parse_args(argv)
     args.size = args.size or (64 if args.smoke else 1024)
     args.steps = args.steps or (2 if args.smoke else 28)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.fwd_repeats = args.fwd_repeats or (2 if args.smoke else 10)
+    args.fast_repeats = args.fast_repeats or (1 if args.smoke else 2)
     if args.tiny_limit is None and args.smoke:
         args.tiny_limit = 2
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -654,11 +879,24 @@ def main(argv: list[str] | None = None) -> int:
         print("(a) tiny FLUX.1 oracle previews", flush=True)
         report["tiny"] = run_tiny(args, device, aitk, images)
         (out / "flux_gpu.json").write_text(json.dumps(report, indent=1))
+    built = None
+    if "full" not in skip or args.fast:
+        print(f"building the full-size model ({'smoke' if args.smoke else 'FLUX.1-dev'} shapes)", flush=True)
+        built = full_session(args, device, torch.bfloat16)
     if "full" not in skip:
         print(f"(b) full size {args.size}px x {args.steps} steps", flush=True)
-        report["full"] = run_full(args, device, aitk, images, out)
+        report["full"] = run_full(args, device, aitk, images, out, built)
+        (out / "flux_gpu.json").write_text(json.dumps(report, indent=1))
+    if args.fast:
+        print(f"(c) --fast vs exact, {args.size}px x {args.steps} steps", flush=True)
+
+        def save(partial: dict) -> None:
+            report["fast"] = partial
+            (out / "flux_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+
+        report["fast"] = run_fast(args, device, images, built, save)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "flux_gpu.json").write_text(json.dumps(report, indent=1))
+    (out / "flux_gpu.json").write_text(json.dumps(report, indent=1, default=str))
     np.savez_compressed(out / "images.npz", **{k.replace("/", "__"): v for k, v in images.items()})
     print(summary(report), flush=True)
     return 0

@@ -652,7 +652,7 @@ def build_report(run: CheckRun, results: list[PreviewResult]) -> CheckReport:
         profile = family.server_profile or f"server-{family.name}"
     if options.replay.fast:
         profile += " (--fast)"
-        warnings.insert(0, FAST_WARNING)
+        warnings.insert(0, fast_warning(family.fast_changes))
     return CheckReport(
         tool_version=__version__,
         job_dir=str(plan.job_dir),
@@ -737,10 +737,14 @@ def seconds_since_process_start() -> float | None:
 
 
 FAST_WARNING = (
-    "--fast: replays ran with batched CFG, maskless attention, float32 rotary and (on CUDA) torch.compile, so "
-    "their last bits differ from ai-toolkit's: no EXACT verdict is expected, and a PASS/DRIFT boundary case may "
-    "move; rerun without --fast for the bit-exact replay"
+    "--fast: replays ran with {changes}, so their last bits differ from ai-toolkit's: no EXACT verdict is expected, "
+    "and a PASS/DRIFT boundary case may move; rerun without --fast for the bit-exact replay"
 )
+
+
+def fast_warning(changes: str) -> str:
+    """The report's first warning under ``--fast``, with what the family's fast path changes (``Family.fast_changes``)."""
+    return FAST_WARNING.format(changes=changes or "the model family's faster, inexact path")
 
 
 def scored_result(item, causes, preview_path, info, png, score) -> PreviewResult:

@@ -212,8 +212,9 @@ _PsnrPass = Annotated[float | None, typer.Option(help="PASS needs PSNR (dB) at l
 _SsimDrift = Annotated[float | None, typer.Option(help="DRIFT needs SSIM at least this; below is FAIL.",
                                                   callback=_finite)]
 _Fast = Annotated[bool, typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, "
-                                                    "maskless attention, float32 rotary, torch.compile on CUDA; "
-                                                    "OmniGen2): for CI smoke runs, never EXACT.")]
+                                                    "torch.compile on CUDA; OmniGen2: maskless attention, float32 "
+                                                    "rotary; FLUX.1: fused q/k/v, T5 through SDPA): for CI smoke "
+                                                    "runs, never EXACT.")]
 _CudaGraphs = Annotated[bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same "
                                                 "pixels).")]
 _SeedSearch = Annotated[int, typer.Option(help="Words of training_seed's random stream searched for each seed "

@@ -40,7 +40,7 @@ class ReplayOptions:
     reproduce_drift: bool = True  # replay earlier merge/un-merge rounds onto the base
     kernel_profile: str = "auto"  # the family's kernel spec, or "auto" (from step-0 previews on CUDA)
     kernel_search: int = 6  # most kernel profiles tried by the automatic choice
-    # --fast: batched CFG, maskless attention, float32 rotary, torch.compile on CUDA: last bits may differ
+    # --fast: the family's faster path (Family.fast_changes; torch.compile on CUDA): last bits may differ
     fast: bool = False
     cuda_graphs: bool = True  # capture each denoising step as a CUDA graph (same kernels, same bits)
     compile: bool | None = None  # torch.compile the --fast blocks (default: with --fast on CUDA)

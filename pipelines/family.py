@@ -164,6 +164,7 @@ class Family:
     lora_base_versions: tuple[str, ...] = ()  # ss_base_model_version values of LoRAs trained for this family
     lora_key_hints: tuple[str, ...] = ()  # module-name parts only this family's LoRAs have
     lora_target_parts: tuple[str, ...] = ()  # parts of the module names ai-toolkit targets by default
+    fast_changes: str = ""  # what --fast (LoadSpec.fast) changes in this family's replays, in words (the report says it)
 
 
 class ModelDirError(Exception):

@@ -56,20 +56,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
-    job = ORACLE_DIR / "jobs" / "og2_basic"
+def one_and_two_processes(job, base_model, tmp_path, *extra) -> tuple[dict, dict]:
+    """``parity check`` of ``job`` on the CPU as one process (``tmp_path/one``) and under a 2-process torchrun
+    (``tmp_path/two``): both parity.json."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the same CPU kernels in both runs (torchrun sets 1 otherwise)
     common = [
         "check",
         str(job),
         "--base-model",
-        str(TINY),
+        str(base_model),
         "--device",
         "cpu",
         "--cpu-profile",
         "avx2",
         "--no-diagnose",
+        *extra,
     ]
     one = run([sys.executable, "-m", "parity", *common, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr
@@ -86,6 +88,12 @@ def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     first = json.loads((tmp_path / "one" / "parity.json").read_text())
     second = json.loads((tmp_path / "two" / "parity.json").read_text())
+    return first, second
+
+
+def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
+    job = ORACLE_DIR / "jobs" / "og2_basic"
+    first, second = one_and_two_processes(job, TINY, tmp_path)
     assert comparable(second) == comparable(first)
     assert len(first["previews"]) == 12
     # report.html too: rank 1's card images came through the shared folder, byte for byte the same page
@@ -107,3 +115,20 @@ def test_torchrun_two_processes_give_the_one_process_report(tmp_path):
         assert (tmp_path / "one" / "replays" / name).read_bytes() == (
             tmp_path / "two" / "replays" / name
         ).read_bytes()
+
+
+def test_torchrun_two_processes_give_the_one_process_report_for_flux(tmp_path):
+    """FLUX.1 under torchrun: flux_odd's step-0 round (the base) and its final round (LoRA by hooks, multipliers
+    0.7/1/1.3) shared between two processes give the one-process report: every verdict EXACT, the same metrics,
+    the same replay files."""
+    job = ORACLE_DIR / "jobs" / "flux_odd"
+    first, second = one_and_two_processes(job, ORACLE_DIR / "tiny_flux", tmp_path, "--steps", "0,6")
+    assert comparable(second) == comparable(first)
+    assert [(p["step"], p["outcome"]) for p in first["previews"]] == [(s, "EXACT") for s in (0, 6) for _ in range(5)]
+    assert [p["score"]["metrics"] for p in second["previews"]] == [p["score"]["metrics"] for p in first["previews"]]
+    assert {p["settings"]["replayed_with"] for p in second["previews"] if p["step"] == 6} == {
+        f"flux_odd.safetensors (checkpoint, unmerged side branch x{m}, 20 layers)" for m in ("0.7", "1", "1.3")}
+    names = sorted(p.name for p in (tmp_path / "one" / "replays").glob("*.png"))
+    assert len(names) == 10
+    for name in names:
+        assert (tmp_path / "one" / "replays" / name).read_bytes() == (tmp_path / "two" / "replays" / name).read_bytes()

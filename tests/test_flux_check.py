@@ -116,3 +116,33 @@ def test_parity_lora_checks_a_flux_checkpoint_against_flux(name):
     # tiny model's 32-wide layers do not fit)
     real = inspect_lora(path)
     assert real.family == "FLUX.1" and "FLUX.1-dev" in real.checked_against and real.shape_mismatches
+
+
+def test_fast_check_of_flux_odd_runs_end_to_end_and_measures_its_drift(tmp_path):
+    """`parity check --fast` on a FLUX.1 job: every preview replayed fast (LoRA by hooks in the later rounds), the
+    report marked (--fast) with FLUX.1's fast path named first among the warnings, and --fast against exact mode
+    measured on a step-0 preview (here T5 through SDPA is the only part that runs: no true CFG, no CUDA)."""
+    import torch
+
+    from parity.cli import main
+
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spinning oneDNN threads on this shared 2-core machine: 10x slower
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["check", str(ORACLE_DIR / "jobs" / "flux_odd"), "--base-model", str(TINY_FLUX), "--device", "cpu",
+                  "--cpu-profile", "avx2", "--noise", "torch2.13-avx2", "--no-diagnose", "--fast", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_.value.code == 0
+    data = json.loads((out / "parity.json").read_text())
+    assert data["pipeline_profile"] == "aitoolkit-flux-preview (--fast)"
+    assert data["warnings"][0].startswith("--fast: replays ran with true CFG's prompt and negative in one batch")
+    drift = data["measured_drift"]["fast"]
+    assert drift["what"] == "--fast vs exact mode" and len(drift["previews"]) == 1
+    assert drift["previews"][0]["preview"].endswith("__000000000_0.jpg")
+    assert 0.999 < drift["ssim_min"] < 1.0 and 0 < drift["max_abs_diff"] <= 16
+    outcomes = [p["outcome"] for p in data["previews"]]
+    assert len(outcomes) == 20 and set(outcomes) <= {"EXACT", "PASS"} and "EXACT" not in outcomes[:5]
+    assert "--fast vs exact mode on 1 preview(s): SSIM" in (out / "report.html").read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ from pipelines.common.files import model_fingerprint
 from pipelines.common.lora import LoraFile, LoraPatcher, WeightManager, linear_modules, match_lora, read_lora
 from pipelines.family import Done, LoadSpec, Rendered, RenderRequest, WeightState
 from pipelines.flux import lora_keys
+from pipelines.flux.fast import FastParts
 from pipelines.flux.loading import Components, load_components, load_t5, load_transformer
 from pipelines.flux.pipeline import FluxReplayPipeline
 
@@ -26,8 +27,10 @@ MODES = ("merged", "hooks", "server", "adapter")
 class FluxSession:
     """A FLUX.1 base load, its LoRA state and its replay pipeline. Not thread-safe: one render at a time.
 
-    ``fast`` is kept for the protocol but changes nothing: FLUX.1 has no faster inexact path here, every
-    replay runs ai-toolkit's exact numerics.
+    ``fast`` (``--fast``, switchable on the loaded session): replays whose last bits may differ from ai-toolkit's
+    (``fast.py``): true CFG's prompt and negative in one batched transformer forward per step, fused q/k/v
+    projections, T5 through SDPA and, on CUDA (``spec.compile`` None or True), the blocks under ``torch.compile``.
+    Off, every replay runs ai-toolkit's exact numerics, bit for bit, whatever ran fast before.
 
     A request's options ``transformer_quantized`` / ``te_quantized`` (default: the job's ``model.quantize`` /
     ``quantize_te``) pick the transformer / T5 with or without quanto: the other one is loaded once, on first
@@ -37,10 +40,13 @@ class FluxSession:
     def __init__(self, components: Components, spec: LoadSpec):
         self.c = components
         self.spec = spec
+        on_cuda = torch.device(spec.device).type == "cuda"
         self.pipeline = FluxReplayPipeline(
             components,
             true_cfg=bool(spec.model_kwargs.get("use_flux_cfg", False)),
             attn_masking=bool(spec.model_kwargs.get("attn_masking", False)),
+            fast=spec.fast,
+            fast_parts=FastParts(compile=bool(spec.compile if spec.compile is not None else on_cuda)),
         )
         self.patcher = LoraPatcher(components.transformer)
         self.module_names = list(linear_modules(components.transformer))
@@ -48,12 +54,19 @@ class FluxSession:
         self.timings = dict(components.timings)
         self.kernels = "torch"
         self.kernel_reason = "PyTorch's kernels: ai-toolkit's FLUX.1 path has no kernel of its own"
-        self.fast = spec.fast
         self.weights = WeightManager(self.patcher, self.read_lora)
         self._loras: dict[tuple[str, int, int], LoraFile] = {}
         self._state = WeightState()
         self._transformers = {components.quantized: (components.transformer, self.weights)}
         self._t5s = {components.quantized_te: components.text_encoder_2}
+
+    @property
+    def fast(self) -> bool:
+        return self.pipeline.fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        self.pipeline.fast = bool(value)
 
     # ------------------------------------------------------------------------------------------- LoRA files
 
@@ -131,8 +144,9 @@ class FluxSession:
 
 def load_session(spec: LoadSpec) -> FluxSession:
     """Load FLUX.1 for ``spec``. ``model.quantize`` quantises the transformer with ``qtype``, ``quantize_te``
-    quantises T5 with ``qtype`` too: ai-toolkit's is_flux branch passes model.qtype, not qtype_te. CUDA graphs
-    and compilation are not used for FLUX.1 (``spec.cuda_graphs``/``compile`` are ignored)."""
+    quantises T5 with ``qtype`` too: ai-toolkit's is_flux branch passes model.qtype, not qtype_te. ``spec.fast``:
+    ``--fast`` (see ``FluxSession``); ``spec.compile``: ``torch.compile`` its blocks (None: on CUDA only; never in
+    exact mode). CUDA graphs are not used for FLUX.1 (``spec.cuda_graphs`` is ignored)."""
     try:
         dtype = getattr(torch, spec.dtype)
     except AttributeError:

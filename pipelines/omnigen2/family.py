@@ -71,4 +71,5 @@ FAMILY = Family(
     lora_base_versions=("omnigen2",),
     lora_key_hints=("noise_refiner", "context_refiner", "ref_image_refiner", "layers."),
     lora_target_parts=("noise_refiner", "context_refiner", "layers"),
+    fast_changes="batched CFG, maskless attention, float32 rotary and (on CUDA) torch.compile",
 )
