@@ -177,3 +177,24 @@ def test_next_merged_round_swaps_incrementally_to_the_same_weights(monkeypatch):
     b = direct.session.pipeline.c.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert walked.session.patcher.drift()["tensors_changed"] > 0
+
+
+def test_compiled_fast_blocks_never_run_while_lora_hooks_are_attached(components):
+    """An unmerged LoRA runs as forward hooks; dynamo does not guard on hooks, so a block graph compiled before
+    they were attached would skip them: the compiled halves are used only on a transformer without hooks."""
+    from pipelines.omnigen2.transformer import _fast_post, _fast_pre
+
+    transformer = components.transformer
+    before = transformer.compile_fast, transformer._fast_fns
+    try:
+        transformer.compile_fast, transformer._fast_fns = True, None
+        compiled = transformer.fast_functions()  # torch.compile wraps lazily: nothing is traced here
+        assert compiled[0] is not _fast_pre and compiled[1] is not _fast_post
+        handle = transformer.layers[0].attn.to_q.register_forward_hook(lambda module, args, out: out)
+        try:
+            assert transformer.fast_functions() == (_fast_pre, _fast_post)
+        finally:
+            handle.remove()
+        assert transformer.fast_functions() is compiled
+    finally:
+        transformer.compile_fast, transformer._fast_fns = before

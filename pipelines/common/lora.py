@@ -440,3 +440,10 @@ class WeightManager:
             else:
                 raise ValueError(f"unknown weight mode {state.mode!r}: merged, hooks, server or adapter")
         self.state = state
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether any submodule has forward (pre-)hooks: an unmerged LoRA, a PEFT-like adapter. A compiled graph
+    must not run then: dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``), so a graph traced
+    before the hooks were added would silently skip them."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

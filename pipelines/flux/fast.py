@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.common.lora import has_hooks
+
 
 @dataclass(frozen=True)
 class FastParts:
@@ -67,9 +69,6 @@ def t5_attention(t5, implementation: str):
         t5.set_attn_implementation(before)
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether any submodule has forward (pre-)hooks: an unmerged LoRA, a PEFT-like adapter."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.common.lora import has_hooks
 from pipelines.omnigen2 import kernels
 from pipelines.omnigen2.rope import (
     apply_rotation,
@@ -504,7 +505,10 @@ class OmniGen2Transformer(nn.Module):
         return x
 
     def fast_functions(self):
-        """The two halves of a modulated block around attention, compiled when ``compile_fast`` is set."""
+        """The two halves of a modulated block around attention, compiled when ``compile_fast`` is set and no
+        forward hook is attached (an unmerged LoRA: a graph traced without it would skip it, ``has_hooks``)."""
+        if self.compile_fast and has_hooks(self):
+            return _fast_pre, _fast_post
         if self._fast_fns is None:
             if self.compile_fast:
                 import torch._dynamo
