@@ -49,7 +49,8 @@ def check(job: Path, out: Path, steps: str) -> dict:
             "replays_per_failing": round((new - len(report["previews"]) - len(report.get("lora_effects", [])))
                                          / len(failing), 1) if failing and new else 0,
             "job_causes": [(c["code"], c["evidence"].get("explains"), c["evidence"].get("of"))
-                           for c in report.get("job_causes", [])]}
+                           for c in report.get("job_causes", [])],
+            "diagnosis": report.get("diagnosis")}  # the report's own count: experiments, replayed vs cached
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {row['seconds']:7.1f} s  exit {row['exit']}  {row['failing']}/{row['previews']} failing  "
               f"{row['new_replays']} new replays ({row['replays_per_failing']} per failing preview)  "
               f"causes {row['job_causes']}")
+        if cost := row["diagnosis"]:
+            print(f"{'':20s} diagnosis: {cost['experiments']} experiments for {cost['previews']} previews "
+                  f"({cost['per_preview']:g} each; {cost['replays']} replayed, {cost['cached']} cached), "
+                  f"{cost['seconds']:.1f} s")
     print(f"fault / clean: {ratio:.2f}x (target: at most 2x)")
     (args.out / "diagnosis_cost.json").write_text(json.dumps({"rows": rows, "ratio": round(ratio, 3)}, indent=2))
     return 0

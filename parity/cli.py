@@ -213,7 +213,7 @@ _SsimDrift = Annotated[float | None, typer.Option(help="DRIFT needs SSIM at leas
                                                   callback=_finite)]
 _Fast = Annotated[bool, typer.Option("--fast", help="Faster replays whose last bits may differ (batched CFG, "
                                                     "torch.compile on CUDA; OmniGen2: maskless attention, float32 "
-                                                    "rotary; FLUX.1: fused q/k/v, T5 through SDPA): for CI smoke "
+                                                    "rotary; FLUX.1: fused q/k/v): for CI smoke "
                                                     "runs, never EXACT.")]
 _CudaGraphs = Annotated[bool, typer.Option(help="Replay each denoising step as a CUDA graph (same kernels, same "
                                                 "pixels).")]

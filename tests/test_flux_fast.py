@@ -67,7 +67,7 @@ def test_fast_session_defaults_and_compile_only_on_cuda(fast_session):
 
 
 def test_fast_true_cfg_replay_is_close_to_exact_and_exact_mode_comes_back(fast_session):
-    """A true-CFG preview replayed fast (one batch-2 forward per step, T5 through SDPA, fused projections): close
+    """A true-CFG preview replayed fast (one batch-2 forward per step, fused projections): close
     to the exact replay, not equal; exact mode on the same session afterwards gives the oracle's own pixels."""
     odd = rows("flux_odd")
     fast, exact = both(fast_session, request_for(odd[3], options=TRUE_CFG))

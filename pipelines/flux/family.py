@@ -143,6 +143,5 @@ FAMILY = Family(
     lora_key_hints=("double_blocks", "single_blocks", "single_transformer_blocks", "add_q_proj", "ff_context",
                     "img_attn", "txt_attn"),
     lora_target_parts=("transformer_blocks", "single_transformer_blocks"),
-    fast_changes="true CFG's prompt and negative in one batch, fused q/k/v projections, T5 attention through SDPA "
-                 "and (on CUDA) torch.compile",
+    fast_changes="true CFG's prompt and negative in one batch, fused q/k/v projections and (on CUDA) torch.compile",
 )

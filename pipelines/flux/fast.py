@@ -45,7 +45,9 @@ class FastParts:
 
     batch_cfg: bool = True
     fuse: bool = True
-    t5_sdpa: bool = True
+    # Off by default: on an H200 (benchmarks/RESULTS.md, session 5) a T5-XXL-shaped encoder ran slower through SDPA
+    # (0.0345 s vs 0.0309 s per prompt, once per prompt anyway) and changed its output far beyond the last bits.
+    t5_sdpa: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None

@@ -6,7 +6,8 @@ diffusers' own FluxTransformer2DModel and AutoencoderKL; every ai-toolkit quirk 
 ``quirks.py`` and ``scheduler.py``. The LoRA is applied to the transformer beforehand (``session.py``).
 
 With ``fast`` (``--fast``) step 6 runs ``fast.FastForward`` instead (every text of a step in one batch, fused
-projections, compiled blocks on CUDA) and T5 encodes through SDPA: the last bits differ from ai-toolkit's. Every
+projections, compiled blocks on CUDA; T5 through SDPA only when asked, ``FastParts.t5_sdpa``): the last bits differ
+from ai-toolkit's. Every
 other step is the same, and with ``fast`` off nothing of it runs.
 """
 

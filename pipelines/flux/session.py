@@ -29,7 +29,7 @@ class FluxSession:
 
     ``fast`` (``--fast``, switchable on the loaded session): replays whose last bits may differ from ai-toolkit's
     (``fast.py``): true CFG's prompt and negative in one batched transformer forward per step, fused q/k/v
-    projections, T5 through SDPA and, on CUDA (``spec.compile`` None or True), the blocks under ``torch.compile``.
+    projections and, on CUDA (``spec.compile`` None or True), the blocks under ``torch.compile``.
     Off, every replay runs ai-toolkit's exact numerics, bit for bit, whatever ran fast before.
 
     A request's options ``transformer_quantized`` / ``te_quantized`` (default: the job's ``model.quantize`` /
