@@ -25,7 +25,7 @@ from parity.cache import read_replay
 from parity.cache import write_replay as save_png_atomic
 from parity.causes import LintContext, item_causes, lora_keys_cause
 from parity.diagnose import (
-    PARTIAL_GAP_SHARE,
+    CONFIRM_GAP_SHARE,
     FlipResult,
     analogue,
     bisect,
@@ -183,6 +183,7 @@ def run_check(job_dir: str | Path, options: CheckOptions, progress: Callable[[st
     results = [by_index[i] for i in sorted(by_index)]
     step0 = apply_noise_floor(run, results)  # 6. step-0 drift: hardware, not the LoRA
     diagnose_all(run, results, step0)  # 7. name the cause of each mismatch by experiment
+    refloor(run, results, step0)  # the floor again without the step-0 previews diagnosis proved wrong
     results = gather(run, by_index, results)  # 8. rank 0 collects every rank's results
     return build_report(run, results)  # 9. the report (written by the caller)
 
@@ -435,6 +436,27 @@ def apply_noise_floor(run: CheckRun, results: list[PreviewResult]) -> list[Previ
     return step0
 
 
+def proven_wrong(result: PreviewResult) -> bool:
+    """Whether an experiment showed that ``result``'s preview was made with another setting."""
+    return any(c.evidence.get("proven") for c in result.causes)
+
+
+def refloor(run: CheckRun, results: list[PreviewResult], step0: list[PreviewResult]) -> None:
+    """A step-0 preview that diagnosis proved was made with another setting (a changed guidance that still
+    PASSes, say) measures that setting, not the machine: the floor is taken again without it, and a preview
+    whose own mismatch is proven gets no "hardware, not the LoRA" note."""
+    wrong = {r.preview_file for r in results if proven_wrong(r)}
+    if not wrong or run.options.pipeline != "aitoolkit":
+        return
+    floor = noise_floor([r for r in step0 if r.preview_file not in wrong])
+    for result in results:
+        result.causes = [c for c in result.causes if c.code != "within_noise_floor"]
+        if floor is not None and result.score is not None and result.preview_file not in wrong:
+            if (cause := floor_cause(result, floor)) is not None:
+                result.causes.append(cause)
+        result.causes = rank(result.causes)
+
+
 def diagnose_all(run: CheckRun, results: list[PreviewResult], step0: list[PreviewResult]) -> None:
     """Name the cause of every mismatch by experiment (``parity.diagnose``): explanations proven on one preview
     are tried first on the next, then tested on every other preview they could affect (a PASS included: a
@@ -507,7 +529,9 @@ def diagnose_one(run: CheckRun, result: PreviewResult, item: ReplayItem, expect:
     near_miss = result.score.verdict == Verdict.PASS
     if near_miss:  # weights, templates, negatives, not seeds
         budget = min(budget, 24)
-    first = [f for r, source in proven if (f := analogue(r.flip, source, item, run.plan)) is not None]
+    # each explanation once: previews proven by the same knob carry it over as the same experiment here
+    first = list({(f.knob, f.label): f for r, source in proven
+                  if (f := analogue(r.flip, source, item, run.plan)) is not None}.values())
     diagnosed, results, found = bisect(replayer, run.plan, run.job, item, target, baseline, options.thresholds, budget,
                                  expect, target_name="the outside image" if options.images_dir else "the preview",
                                  first=first, lookup=run.cached_experiment if run.plain else None,
@@ -545,10 +569,11 @@ def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool,
                              run.cached_experiment if run.plain else None, run.keep_replay if run.plain else None)
             if tried is not None and tried_all is not None:
                 tried_all.append(tried)
-            if tried is not None and (explains(tried, expect) or tried.gap_closed(baseline) >= PARTIAL_GAP_SHARE):
-                cause = rank_causes([tried], baseline, run.options.thresholds, expect)[0]
+            if tried is not None and (explains(tried, expect) or tried.gap_closed(baseline) >= CONFIRM_GAP_SHARE):
+                cause = rank_causes([tried], baseline, run.options.thresholds, expect, partial=CONFIRM_GAP_SHARE)[0]
                 # shown by experiment to differ here too: an error even where the preview passes
                 evidence = cause.evidence | {"proven": True, "confirmed_from": source.file}
+                result.causes = [c for c in result.causes if c.code not in (cause.code, "kernel_residual")]
                 result.causes.insert(0, dataclasses.replace(cause, severity="error", evidence=evidence))
                 break
 

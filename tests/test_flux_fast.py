@@ -15,8 +15,8 @@ from test_flux_pipeline import TINY, request_for, rows, truth_pixels, weights_fo
 
 from fixtures import ORACLE_DIR
 from parity.scores import compute_metrics
-from pipelines.family import LoadSpec, WeightState
 from pipelines.common.lora import has_hooks
+from pipelines.family import LoadSpec, WeightState
 from pipelines.flux.fast import EXACT_PARTS, FastParts
 from pipelines.flux.session import FluxSession, load_session
 
