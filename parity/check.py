@@ -561,10 +561,11 @@ def confirm_elsewhere(run: CheckRun, results, by_file, proven, base_exact: bool,
         item = by_file[result.preview_file]
         expect = expected(result, "EXACT" if base_exact else "PASS")
         baseline = result.score.metrics.ssim
+        flips = {}  # each carried experiment once: previews proven by the same knob give the same one here
         for found, source in proven:
-            flip = analogue(found.flip, source, item, run.plan)
-            if flip is None:
-                continue
+            if (flip := analogue(found.flip, source, item, run.plan)) is not None:
+                flips.setdefault((flip.knob, flip.label), (flip, source))
+        for flip, source in flips.values():
             tried = try_flip(run.replayer, flip, result.preview_path, run.options.thresholds,
                              run.cached_experiment if run.plain else None, run.keep_replay if run.plain else None)
             if tried is not None and tried_all is not None:
