@@ -505,6 +505,7 @@ def causes_command(
     from pipelines.registry import families
 
     names = [f.name for f in families()]
+    code = code.strip().lower() if code is not None else None  # SEED_CHANGED, as a CI log may shout it
     if family is not None and family not in names:
         raise InputError(None, f"--family {family!r}: parity knows {', '.join(names)}")
     if code is not None and code not in catalogue.CATALOGUE:

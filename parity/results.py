@@ -306,16 +306,21 @@ class CheckReport:
     @property
     def base_drift(self) -> dict[str, Any] | None:
         """The step-0 previews (base model alone: only the kernels and the noise set their pixels): how many
-        replayed identically, the largest difference and the lowest SSIM. None without any."""
+        replayed identically, the largest difference and the lowest SSIM. A step-0 preview that an experiment
+        proved was made with another setting measures that setting, not the machine: it is counted apart
+        (``proven_wrong``). None without any scored."""
         scored = [i for i in self.items if i.step == 0 and i.score is not None
                   and i.settings.get("weights", "base") == "base"]
-        if not scored:
+        wrong = [i for i in scored if any(c.evidence.get("proven") for c in i.causes)]
+        machine = [i for i in scored if i not in wrong]
+        if not machine:
             return None
         return {
-            "previews": len(scored),
-            "identical": sum(i.score.verdict.value == "EXACT" for i in scored),
-            "max_abs_diff": max(int(i.score.metrics.max_abs_diff) for i in scored),
-            "ssim_min": round(min(float(i.score.metrics.ssim) for i in scored), 5),
+            "previews": len(machine),
+            "identical": sum(i.score.verdict.value == "EXACT" for i in machine),
+            "max_abs_diff": max(int(i.score.metrics.max_abs_diff) for i in machine),
+            "ssim_min": round(min(float(i.score.metrics.ssim) for i in machine), 5),
+            "proven_wrong": len(wrong),
         }
 
     def worst(self, n: int = 5) -> list[PreviewResult]:

@@ -104,4 +104,7 @@ def test_a_proven_knob_is_confirmed_where_a_kernel_residual_caps_the_gap_and_lea
     assert [c.code for c in by_key[(6, 4)].causes if c.severity != "info" or c.code == "kernel_residual"] == [
         "kernel_residual"]
     assert not [c for i in report.items for c in i.causes if c.code == "within_noise_floor"]
+    # the header's step-0 drift is the machine's: the four wrong-guidance previews are left out
+    assert report.base_drift == {"previews": 1, "identical": 1, "max_abs_diff": 0, "ssim_min": 1.0,
+                                 "proven_wrong": 4}
     assert report.job_causes[0].evidence["explains"] == 8

@@ -189,7 +189,7 @@ def test_cpu_check_reports_kernels_and_step0_drift(tmp_path):
     assert report.kernels == "torch"
     assert report.kernels_reason.startswith("CPU replay: PyTorch's kernels")
     assert report.kernel_trials == []
-    assert report.base_drift == {"previews": 3, "identical": 3, "max_abs_diff": 0, "ssim_min": 1.0}
+    assert report.base_drift == {"previews": 3, "identical": 3, "max_abs_diff": 0, "ssim_min": 1.0, "proven_wrong": 0}
     data = report.to_dict()
     assert data["kernels"]["profile"] == "torch" and data["measured_drift"]["fast"] is None
     from reports import write_reports
@@ -290,7 +290,7 @@ def test_auto_choice_finds_the_warps_that_made_a_gpu_preview(tmp_path):
     assert trials[-1]["identical"] and report.kernels == trials[-1]["kernels"]
     assert all(not t["identical"] for t in trials[:-1])
     assert report.kernels_reason.startswith("reproduces all 3 step-0 preview(s) bit for bit")
-    assert report.base_drift == {"previews": 3, "identical": 3, "max_abs_diff": 0, "ssim_min": 1.0}
+    assert report.base_drift == {"previews": 3, "identical": 3, "max_abs_diff": 0, "ssim_min": 1.0, "proven_wrong": 0}
     assert [t["kernels"] for t in trials][:2] == ["triton:16", "torch"][: len(trials)]
     for t in trials[:-1]:  # a wrong set stops at its first differing preview
         assert t["probes_identical"] + 1 == t["probes_tried"] and t["max_abs_diff"] > 0
