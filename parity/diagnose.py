@@ -348,6 +348,11 @@ def analogue(flip: Flip, source: ReplayItem, target: ReplayItem, plan: ReplayPla
     if "seed" in changed:
         if target.seed is None or source.seed is None:
             return None
+        # a fault in the section's seed reaches section and walk seeds; one in a sample's own seed, the prompts it
+        # carries over to; a --seed flag is each prompt's own (the section's seed never reached it)
+        origins = {target.seed_from, source.seed_from}
+        if not (origins <= {"section", "walk"} or origins <= {"item", "carried"}) or "flag" in origins:
+            return None
         delta = flip.item.seed - source.seed
         if flip.knob == "walk_seed_changed":  # the prompt index added or taken away: each preview's own
             delta = target.prompt_index * (1 if delta > 0 else -1)

@@ -219,16 +219,7 @@ def _section_prompts(job: JobFolder, section: SampleSection, kind: str) -> list[
     infos = []
     for i, raw in enumerate(section.prompts):
         _, flags = split_prompt_flags(replace_trigger(raw, job.trigger_word))
-        item = section.samples[i]
-        if any(flag in ("d", "seed") for flag, _ in flags):
-            seed_from = "flag"
-        elif item.seed is not None:
-            seed_from = "item"
-        elif section.walk_seed:
-            seed_from = "walk"
-        else:
-            seed_from = "section" if seeds[i] == section.seed else "carried"
-        infos.append(PromptInfo(kind, i, raw, item, settings[i], tuple(flags), seed_from))
+        infos.append(PromptInfo(kind, i, raw, section.samples[i], settings[i], tuple(flags), settings[i].seed_from))
     return infos
 
 

@@ -59,6 +59,7 @@ class ReplayItem:
     # "config" (the config or a --seed flag set it), "drawn" (seed is None until parity check recovers it) or
     # "recovered" (drawn, then found by replay: parity check's items only).
     seed_source: str = "config"
+    seed_from: str = "section"  # what set the seed (SEED_ORIGINS): a fault in the section seed affects section/walk
     seed_draw: int | None = None  # a drawn seed: which of its round's draws it is (0: the round's first)
     round_draws: int = 0  # how many seeds ai-toolkit drew for this preview's round (each reads >= 2 words)
     recoverable: bool = False  # drawn, training_seed known, nothing else stops the replay: check recovers it
@@ -207,6 +208,7 @@ class PromptSettings:
     ctrl_img: str | None
     unknown_flags: tuple[str, ...] = ()
     seed_drawn: bool = False  # seed -1 before the flags: ai-toolkit drew one (a --seed flag replaces it after)
+    seed_from: str = "section"  # SEED_ORIGINS: what set the seed
 
 
 def replace_trigger(prompt: str, trigger_word: str | None) -> str:
@@ -301,6 +303,22 @@ def torch_seed(seed: int) -> int:
     return seed % 2**64
 
 
+# What set a prompt's seed: the section seed, the section seed + the index (walk_seed), the sample's own seed, an
+# earlier sample's own seed carried over (walk_seed off), or the prompt's --seed/--d flag.
+SEED_ORIGINS = ("section", "walk", "item", "carried", "flag")
+
+
+def seed_origin(section: SampleSection, index: int, seeds: list[int], flagged: bool) -> str:
+    """Which of SEED_ORIGINS set prompt ``index``'s seed (``seeds``: ``round_seeds(section)``)."""
+    if flagged:
+        return "flag"
+    if section.samples[index].seed is not None:
+        return "item"
+    if section.walk_seed:
+        return "walk"
+    return "section" if seeds[index] == section.seed else "carried"
+
+
 def round_prompt_settings(
     section: SampleSection, trigger_word: str | None, config_file: Path, where: str
 ) -> list[PromptSettings]:
@@ -339,6 +357,7 @@ def round_prompt_settings(
                 ) from None
             if _FLAGS[flag][0] in _SETTINGS_FROM_FLAGS:
                 values[_FLAGS[flag][0]] = value
+        values["seed_from"] = seed_origin(section, i, seeds, any(_FLAGS.get(f, ("",))[0] == "seed" for f, _ in flags))
         check_flag_values(values, config_file, f"{where} prompt {i}")
         if values["seed"] is not None:
             if not _TORCH_SEED_MIN <= values["seed"] <= _TORCH_SEED_MAX:
@@ -502,6 +521,7 @@ def _replay_item(
         replayable=not problems and not drawn,
         reason=_reason(problems, notes, job.training_seed if drawn else None),
         seed_source="drawn" if drawn else "config",
+        seed_from=s.seed_from,
         seed_draw=rnd.draw_index[preview.prompt_index] if drawn else None,
         recoverable=not problems and drawn,
     )

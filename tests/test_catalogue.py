@@ -150,3 +150,14 @@ def test_counted_phases_show_the_time_left():
         "[0:34] measuring the LoRA's effect 2/2 step 4 (about 0:04 left)",
     ]
     assert Tick("diagnosing", 1, 3, "x.jpg") == "diagnosing 1/3 x.jpg"  # a plain label to any other consumer
+
+
+def test_a_section_seed_proven_wrong_is_not_carried_to_a_prompt_with_its_own_seed():
+    plan = build_plan(JOBS / "og2_basic")  # walk_seed; prompt 1 has --seed 7
+    step0 = {i.prompt_index: i for i in plan.items if i.step == 0}
+    assert [step0[n].seed_from for n in (0, 1, 2)] == ["walk", "flag", "walk"]
+    flip = diagnose.Flip("seed_changed", "seed 41 instead of 42", diagnose.replace(plan, step0[0], seed=41),
+                         fields={"seed": 41})
+    carried = diagnose.analogue(flip, step0[0], step0[2], plan)
+    assert carried.item.seed == 43 and carried.title == "the preview was made with seed 43"
+    assert diagnose.analogue(flip, step0[0], step0[1], plan) is None
