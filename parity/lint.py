@@ -31,7 +31,6 @@ from parity.plan import (
     replace_trigger,
     requested_size,
     round_prompt_settings,
-    round_seeds,
     split_prompt_flags,
 )
 from parity.results import SEVERITIES, Cause
@@ -215,7 +214,6 @@ def _local_base_model(job: JobFolder) -> str | None:
 
 def _section_prompts(job: JobFolder, section: SampleSection, kind: str) -> list[PromptInfo]:
     settings = round_prompt_settings(section, job.trigger_word, job.config_file, kind)
-    seeds = round_seeds(section)
     infos = []
     for i, raw in enumerate(section.prompts):
         _, flags = split_prompt_flags(replace_trigger(raw, job.trigger_word))
