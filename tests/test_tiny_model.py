@@ -189,3 +189,28 @@ def test_transformer_loaded_on_its_own_thread_is_the_same_and_its_error_comes_fi
     with pytest.raises(ModelDirError, match="no safetensors weights found") as info:
         load_components(broken_copy)
     assert info.value.path.startswith(str(broken_copy / "transformer"))
+
+
+def test_transformer_weights_survive_a_loader_that_patches_parameter_registration(monkeypatch):
+    """On a GPU the transformer loads on its own thread while diffusers builds the VAE under accelerate's
+    init_empty_weights, which replaces Module.register_parameter process-wide with one that moves every new
+    parameter to the meta device. Our weights are assigned without it: the load must not come out on meta (before,
+    it failed with "Cannot copy out of meta tensor", once, on the H200). The patch here does what accelerate's does."""
+    from pipelines.omnigen2.loading import load_transformer
+
+    original = torch.nn.Module.register_parameter
+
+    def register_on_meta(self, name, param):
+        original(self, name, param)
+        if param is not None:
+            kind = type(self._parameters[name])
+            self._parameters[name] = kind(self._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "oracle" / "tiny_omnigen2"
+    reference = load_transformer(root, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", register_on_meta)
+    loaded = load_transformer(root, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.undo()
+    assert not any(p.is_meta for p in loaded.parameters())
+    reference_state = reference.state_dict()
+    assert all(torch.equal(t, reference_state[k]) for k, t in loaded.state_dict().items())

@@ -79,8 +79,23 @@ def load_transformer(root: Path, dtype: torch.dtype, device: torch.device) -> Om
         if tuple(state[key].shape) != tuple(shape):
             raise ModelDirError(folder, f"shape mismatch for {key}: file {tuple(state[key].shape)}, config {tuple(shape)}")
     # Weights are cast to the model dtype once, as from_pretrained(torch_dtype=...) does.
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    assign_state(model, {k: v.to(dtype) for k, v in state.items()})
     return model.to(device).eval().requires_grad_(False)
+
+
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state``'s tensors in place of ``model``'s (meta) parameters and buffers, as
+    ``load_state_dict(assign=True)`` does but without ``Module.register_parameter``: on a GPU this runs on its own
+    thread while diffusers loads the VAE, and diffusers builds a model under accelerate's ``init_empty_weights``,
+    which replaces ``register_parameter`` process-wide with one that moves every new parameter to the meta device:
+    a parameter assigned meanwhile came out empty and the load failed ("Cannot copy out of meta tensor")."""
+    for key, tensor in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
 
 
 def load_vae(root: Path, dtype: torch.dtype, device: torch.device):
