@@ -59,6 +59,21 @@ def cause(code: str, title: str | None = None, *, severity: str | None = None, e
                  fix if fix is not None else k.fix.format(**fields) if fields else k.fix, dict(evidence or {}))
 
 
+def summary_title(code: str, titles: list[str]) -> str:
+    """One line for every finding of ``code`` in a run: their title when they share it; else the kind's title
+    with its fields left open ("the LoRA's effect at step …"), or the first finding's and how many others."""
+    distinct = list(dict.fromkeys(titles))
+    if len(distinct) <= 1:
+        return distinct[0] if distinct else ""
+    template = CATALOGUE[code].title if code in CATALOGUE else ""
+    if template:
+        import string
+
+        return "".join(text + ("…" if field is not None else "")
+                       for text, field, _, _ in string.Formatter().parse(template))
+    return f"{distinct[0]} (and {len(distinct) - 1} other finding(s) of this kind)"
+
+
 def suspects_of(codes) -> dict[str, str]:
     """The diagnosis experiments that findings of ``codes`` point to, each with the first code that points to it,
     in the order found."""

@@ -293,13 +293,17 @@ class CheckReport:
     @property
     def causes_summary(self) -> list[CauseSummary]:
         """Each cause once, with the previews it was found for; errors first, then by count."""
-        found: dict[str, tuple[Cause, list[str]]] = {}
+        from parity.catalogue import summary_title
+
+        found: dict[str, tuple[Cause, list[str], list[str]]] = {}
         for item in self.items:
             for cause in item.causes:
-                found.setdefault(cause.code, (cause, []))[1].append(item.preview_file)
+                entry = found.setdefault(cause.code, (cause, [], []))
+                entry[1].append(item.preview_file)
+                entry[2].append(cause.title)
         summaries = [
-            CauseSummary(c.code, c.severity, c.title, c.fix, tuple(previews))
-            for c, previews in found.values()
+            CauseSummary(c.code, c.severity, summary_title(c.code, titles), c.fix, tuple(previews))
+            for c, previews, titles in found.values()
         ]
         return sorted(summaries, key=lambda s: (-SEVERITIES.index(s.severity), -s.count, s.code))
 

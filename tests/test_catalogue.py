@@ -161,3 +161,14 @@ def test_a_section_seed_proven_wrong_is_not_carried_to_a_prompt_with_its_own_see
     carried = diagnose.analogue(flip, step0[0], step0[2], plan)
     assert carried.item.seed == 43 and carried.title == "the preview was made with seed 43"
     assert diagnose.analogue(flip, step0[0], step0[1], plan) is None
+
+
+def test_a_runs_summary_line_says_what_its_findings_share():
+    assert catalogue.summary_title("lora_effect", ["the LoRA's effect at step 2: SSIM 0.920 with vs without it"] * 2) \
+        == "the LoRA's effect at step 2: SSIM 0.920 with vs without it"
+    assert catalogue.summary_title("lora_effect", ["the LoRA's effect at step 2: SSIM 0.920 with vs without it",
+                                                   "the LoRA's effect at step 4: SSIM 0.896 with vs without it"]) \
+        == "the LoRA's effect at step …: SSIM … with vs without it"
+    assert catalogue.summary_title("size_not_multiple_of_16", ["72x88 is not a multiple of 16", "88x64 is not a "
+                                   "multiple of 16", "72x88 is not a multiple of 16"]) \
+        == "72x88 is not a multiple of 16 (and 1 other finding(s) of this kind)"
