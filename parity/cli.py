@@ -250,6 +250,7 @@ def check_command(
     dist = distributed.current()
     if dist.world > 1:  # torchrun: no progress bars from N processes; rank 0 writes the report
         report = run_check(job_dir, options)
+        dist.close()  # every result has reached rank 0; the report needs no collective
         if not dist.is_main:
             raise typer.Exit(0)
         _write_reports_and_exit(report, out, github)

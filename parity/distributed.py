@@ -63,9 +63,13 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
+        """Leave the process group once every rank is done with it (a barrier, then teardown). A rank that just
+        exits while gloo's threads still run can abort at interpreter exit ("terminate called without an active
+        exception", SIGABRT: seen once in CI on the non-reporting rank)."""
         if self._group:
             import torch.distributed as td
 
+            td.barrier()
             td.destroy_process_group()
             self._group = False
 
