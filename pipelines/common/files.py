@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.family import ModelDirError
@@ -83,3 +85,15 @@ def transformer_config(root: Path, class_name: str, otherwise: str) -> dict:
     if name != class_name:
         raise ModelDirError(path, f"transformer class is {name!r}, not {class_name} ({otherwise})")
     return config
+
+
+def stopwatch(timings: dict[str, float]) -> Callable:
+    """``timed(name, fn, *args)``: ``fn(*args)``, its seconds recorded as ``timings[name]`` (a load's parts)."""
+
+    def timed(name: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[name] = time.perf_counter() - start
+        return result
+
+    return timed

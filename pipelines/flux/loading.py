@@ -6,12 +6,12 @@ and then ``.to(device, dtype=dtype)`` again, which also casts anything ``from_pr
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pipelines.common.files import stopwatch
 from pipelines.common.quantize import quantize_module
 from pipelines.family import ModelDirError
 from pipelines.flux.family import check_model_dir, safetensors_weights
@@ -145,12 +145,7 @@ def load_components(
     check_model_dir(root)
     device = torch.device(device)
     timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        timings[name] = time.perf_counter() - start
-        return result
+    timed = stopwatch(timings)
 
     timed("libraries", quiet_libraries)
     transformer = timed("transformer", load_transformer, root, dtype, device, qtype)

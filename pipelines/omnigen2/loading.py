@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipelines.common.files import resolve_model_dir, safetensors_files, transformer_config
+from pipelines.common.files import resolve_model_dir, safetensors_files, stopwatch, transformer_config
 from pipelines.family import ModelDirError
 from pipelines.omnigen2.scheduler import FlowMatchEulerScheduler
 from pipelines.omnigen2.transformer import CONFIG_CLASS_NAME, OmniGen2Config, OmniGen2Transformer
@@ -165,12 +164,7 @@ def load_components(
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
     timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        timings[name] = time.perf_counter() - start
-        return result
+    timed = stopwatch(timings)
 
     def the_rest():
         timed("libraries", quiet_libraries)
